@@ -1,0 +1,141 @@
+"""Dense building blocks of DeepSeek-V3: RMSNorm, rotary embedding (with YaRN), MLA attention, SwiGLU MLP.
+
+Pure torch, no MPI.  Parameter names follow the Hugging Face checkpoint layout so a state dict loads as is.
+
+Shape letters: B sequences, S positions, H heads, D model dim, T flattened tokens, F MLP hidden.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32, then back to the activation dtype before the weight, as transformers does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)).  Used for dense layers, shared experts and routed experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_tables(cfg: ModelConfig, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every rotary pair at the given positions, each (S, rope_dim / 2), fp32."""
+    dim = cfg.qk_rope_head_dim
+    base = cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    attention_factor = 1.0
+    yarn = cfg.yarn
+    if yarn:
+        factor = float(yarn["factor"])
+        orig = int(yarn.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        mscale, mscale_all = yarn.get("mscale"), yarn.get("mscale_all_dim")
+        attention_factor = yarn.get("attention_factor") or (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
+            else _yarn_mscale(factor))
+        beta_fast = yarn.get("beta_fast") or 32
+        beta_slow = yarn.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if yarn.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp  # 1: keep the original frequency (high-frequency dims)
+        inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    angles = positions_S.float()[:, None] * inv_freq.to(positions_S.device)[None, :]
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x (..., S, R) by (S, R/2) tables.
+
+    DeepSeek stores rotary pairs interleaved, (x0, x1), (x2, x3), ...; the output is laid out
+    [rotated evens | rotated odds], which is what transformers does and leaves q.k unchanged.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3), causal, without a KV cache (we score whole sequences)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.num_attention_heads, cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over each row.  Padding after a sequence's length never reaches the
+        positions before it (causality), so ragged batches need no extra mask."""
+        cfg = self.cfg
+        B, S, _ = x_BSD.shape
+        H, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q = q.view(B, S, H, nope + rope).transpose(1, 2)                      # (B, H, S, nope+rope)
+        q_nope, q_rot = q.split([nope, rope], dim=-1)
+
+        kv_a = self.kv_a_proj_with_mqa(x_BSD)
+        kv_latent, k_rot = kv_a.split([cfg.kv_lora_rank, rope], dim=-1)     # (B, S, kv_lora), (B, S, rope)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
+        kv = kv.view(B, S, H, nope + dv).transpose(1, 2)                      # (B, H, S, nope+dv)
+        k_nope, v = kv.split([nope, dv], dim=-1)
+
+        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)
+        k_rot = apply_rope(k_rot[:, None], cos, sin, cfg.rope_interleave)    # (B, 1, S, rope): shared by heads
+
+        q = torch.cat([q_nope, q_rot], dim=-1)                                # (B, H, S, qk)
+        k = torch.cat([k_nope, k_rot.expand(B, H, S, rope)], dim=-1)          # (B, H, S, qk)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
+        out = out.transpose(1, 2).reshape(B, S, H * dv)                       # (B, S, H*dv)
+        return self.o_proj(out)

@@ -1,0 +1,171 @@
+"""The DeepSeek-V3 transformer, split where the distributed runtime needs it split.
+
+``FrontModel`` holds everything except the routed experts: embeddings, every layer's attention, the
+dense MLPs, the routers and shared experts, the final norm and the LM head.  Its forward is a
+generator: at each MoE layer it yields an ``ExpertRequest`` (the rows for every expert, grouped by
+expert) and is sent back the experts' answers in the same order.  Whoever drives the generator decides
+where the experts run: in this process (``run_local``), or on expert ranks over MPI, with several
+generators (micro-batches) in flight at once.
+
+Shape letters: B sequences, S positions, D model dim, T valid tokens, K top-k, N = T*K rows, E experts.
+"""
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLA, MLP, RMSNorm, rope_tables
+from .routing import DispatchPlan, Router, combine, permute, plan_dispatch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Sequences padded to a common length S; positions at or after a sequence's length are padding."""
+    lengths_B: torch.Tensor                 # (B,) int64
+    tokens_BS: torch.Tensor | None = None   # (B, S) int64, or
+    embeds_BSD: torch.Tensor | None = None  # (B, S, D) activations instead of tokens
+
+    @property
+    def valid_BS(self) -> torch.Tensor:
+        S = (self.tokens_BS if self.tokens_BS is not None else self.embeds_BSD).shape[1]
+        return torch.arange(S, device=self.lengths_B.device)[None, :] < self.lengths_B[:, None]
+
+
+@dataclass(frozen=True)
+class ExpertRequest:
+    """One MoE layer's rows for its experts: rows [offsets[e], offsets[e+1]) of x_ND go to expert e."""
+    moe_layer: int              # 0 .. n_moe_layers-1
+    x_ND: torch.Tensor
+    plan: DispatchPlan
+
+
+@dataclass(frozen=True)
+class FrontResult:
+    hidden_BSD: torch.Tensor            # after the final norm
+    expert_ids_LTK: list[torch.Tensor]  # per MoE layer, (T, K) chosen experts of the valid tokens
+    expert_load_LE: torch.Tensor        # (L_moe, E) rows each expert received
+
+
+class MoEFront(nn.Module):
+    """The front-rank half of a MoE layer: router and shared experts (routed experts live elsewhere)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoEFront(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class FrontModel(nn.Module):
+    """Parameter names match a Hugging Face DeepSeek-V3 checkpoint (``model.layers.3.self_attn...``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward_steps(self, batch: Batch) -> Generator[ExpertRequest, torch.Tensor, FrontResult]:
+        cfg, m = self.cfg, self.model
+        device = self.lm_head.weight.device
+        if batch.tokens_BS is not None:
+            x_BSD = m.embed_tokens(batch.tokens_BS)
+        else:
+            x_BSD = batch.embeds_BSD.to(self.dtype)
+        S = x_BSD.shape[1]
+        cos, sin = rope_tables(cfg, torch.arange(S, device=device))
+        valid_BS = batch.valid_BS
+        ids_per_layer, load_per_layer = [], []
+
+        for i, layer in enumerate(m.layers):
+            x_BSD = x_BSD + layer.self_attn(layer.input_layernorm(x_BSD), cos, sin)
+            h_BSD = layer.post_attention_layernorm(x_BSD)
+            if not cfg.is_moe_layer(i):
+                x_BSD = x_BSD + layer.mlp(h_BSD)
+                continue
+            # Only real tokens are routed: padding would cost expert work and skew expert_load.
+            h_TD = h_BSD[valid_BS]
+            weights_TK, ids_TK = layer.mlp.gate(h_TD)
+            plan = plan_dispatch(ids_TK, cfg.n_routed_experts)
+            y_ND = yield ExpertRequest(cfg.moe_index(i), permute(h_TD, plan), plan)
+            moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
+            if layer.mlp.shared_experts is not None:
+                moe_TD = moe_TD + layer.mlp.shared_experts(h_TD)
+            x_BSD = x_BSD.clone()
+            x_BSD[valid_BS] += moe_TD
+            ids_per_layer.append(ids_TK)
+            load_per_layer.append(plan.counts_E)
+
+        load = torch.stack(load_per_layer) if load_per_layer else torch.zeros(0, cfg.n_routed_experts,
+                                                                               dtype=torch.int64)
+        return FrontResult(m.norm(x_BSD), ids_per_layer, load)
+
+    def logprobs(self, hidden_BSD: torch.Tensor, batch: Batch, rows_per_slice: int = 1024) -> torch.Tensor:
+        """log p(tokens[t] | tokens[:t]) as (B, S) fp32; NaN at t = 0 and at padding.
+
+        The vocabulary-wide softmax runs over slices of rows so its (rows, vocab) buffer stays bounded.
+        """
+        tokens_BS = batch.tokens_BS
+        B, S = tokens_BS.shape
+        out_BS = torch.full((B, S), float("nan"), dtype=torch.float32, device=hidden_BSD.device)
+        # position t-1 predicts token t, for 1 <= t < length
+        pred_BS = torch.zeros_like(batch.valid_BS)
+        pred_BS[:, 1:] = batch.valid_BS[:, 1:]
+        b_idx, t_idx = pred_BS.nonzero(as_tuple=True)
+        for lo in range(0, b_idx.numel(), rows_per_slice):
+            b, t = b_idx[lo:lo + rows_per_slice], t_idx[lo:lo + rows_per_slice]
+            logits = self.lm_head(hidden_BSD[b, t - 1]).float()
+            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens_BS[b, t][:, None])[:, 0]
+            out_BS[b, t] = lp
+        return out_BS
+
+
+class LocalExperts:
+    """All routed experts of every MoE layer in this process: the 1-rank reference."""
+
+    def __init__(self, experts: list[list[MLP]]):
+        self.experts = experts          # [moe_layer][expert]
+
+    def __call__(self, req: ExpertRequest) -> torch.Tensor:
+        offsets = req.plan.offsets
+        y_ND = torch.empty_like(req.x_ND)
+        for e, expert in enumerate(self.experts[req.moe_layer]):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi > lo:
+                y_ND[lo:hi] = expert(req.x_ND[lo:hi])
+        return y_ND
+
+
+def drive(steps: Generator[ExpertRequest, torch.Tensor, FrontResult], experts) -> FrontResult:
+    """Run a forward generator to the end, answering each expert request with ``experts(req)``."""
+    try:
+        req = next(steps)
+        while True:
+            req = steps.send(experts(req))
+    except StopIteration as stop:
+        return stop.value

@@ -1,0 +1,118 @@
+"""Building the model's pieces with weights: seeded random, or read from a Hugging Face checkpoint.
+
+Every tensor has a checkpoint name (``model.layers.5.mlp.experts.3.up_proj.weight``).  Random weights
+are drawn from a generator seeded by (seed, name), so an expert rank that builds only expert 3 of
+layer 5 gets exactly the values the 1-rank reference gets.  Checkpoint weights are read tensor by
+tensor with safetensors' lazy access, so a rank reads only its own tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+from .transformer import FrontModel
+
+# Tensors kept in fp32 whatever the model dtype, as transformers keeps them.
+FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+class WeightError(ValueError):
+    """A checkpoint tensor is missing or has the wrong shape."""
+
+
+def expert_prefix(cfg: ModelConfig, moe_layer: int, expert: int) -> str:
+    return f"model.layers.{cfg.first_k_dense_replace + moe_layer}.mlp.experts.{expert}."
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def random_tensor(cfg: ModelConfig, seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The seeded fp32 value of one named tensor (on the CPU, so every device gets the same numbers)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+    std = cfg.initializer_range
+    if name.endswith("e_score_correction_bias"):
+        std = 0.1 / max(cfg.n_routed_experts, 1) ** 0.5  # small, nonzero: exercises the bias path
+    return torch.randn(shape, generator=gen) * std
+
+
+class Checkpoint:
+    """Lazy reader of a Hugging Face safetensors directory (config.json + *.safetensors)."""
+
+    def __init__(self, directory: str | Path):
+        from safetensors import safe_open
+
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            self.where = {k: self.dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self.where = {}
+            for f in sorted(self.dir.glob("*.safetensors")):
+                with safe_open(f, "pt") as st:
+                    self.where.update({k: f for k in st.keys()})
+        if not self.where:
+            raise WeightError(f"checkpoint {self.dir}: no *.safetensors files found")
+        if any(k.endswith("weight_scale_inv") for k in self.where):
+            raise WeightError(f"checkpoint {self.dir}: holds FP8 weights (weight_scale_inv tensors); "
+                              "convert it to bf16 first (DeepSeek's inference/fp8_cast_bf16.py)")
+        self._open = safe_open
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.where:
+            raise WeightError(f"checkpoint {self.dir}: tensor {name} is missing")
+        with self._open(self.where[name], "pt") as st:
+            t = st.get_tensor(name)
+        if tuple(t.shape) != tuple(shape):
+            raise WeightError(f"checkpoint {self.dir}: tensor {name} has shape {tuple(t.shape)}, "
+                              f"expected {tuple(shape)}")
+        return t
+
+
+def fill_(module: nn.Module, prefix: str, cfg: ModelConfig, *, seed: int, dtype: torch.dtype,
+          device: torch.device, checkpoint: Checkpoint | None) -> nn.Module:
+    """Materialise a module built on the meta device: each tensor from the checkpoint or the seed."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for local, p in module.named_parameters():
+            name = prefix + local
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                name = "model.embed_tokens.weight"
+            if checkpoint is not None:
+                src = checkpoint.get(name, tuple(p.shape))
+            else:
+                src = random_tensor(cfg, seed, name, tuple(p.shape))
+            p.data = src.to(device=device, dtype=torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+            p.requires_grad_(False)
+    return module
+
+
+def build_front(cfg: ModelConfig, *, seed: int = 0, dtype=torch.float32, device="cpu",
+                checkpoint: Checkpoint | None = None) -> FrontModel:
+    with torch.device("meta"):
+        front = FrontModel(cfg)
+    return fill_(front, "", cfg, seed=seed, dtype=dtype, device=torch.device(device), checkpoint=checkpoint)
+
+
+def build_expert(cfg: ModelConfig, moe_layer: int, expert: int, *, seed: int = 0, dtype=torch.float32,
+                 device="cpu", checkpoint: Checkpoint | None = None) -> MLP:
+    """One routed expert, and nothing else: what an expert rank holds."""
+    with torch.device("meta"):
+        mlp = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+    return fill_(mlp, expert_prefix(cfg, moe_layer, expert), cfg, seed=seed, dtype=dtype,
+                 device=torch.device(device), checkpoint=checkpoint)
+
+
+def build_all_experts(cfg: ModelConfig, **kw) -> list[list[MLP]]:
+    return [[build_expert(cfg, l, e, **kw) for e in range(cfg.n_routed_experts)]
+            for l in range(cfg.n_moe_layers)]
