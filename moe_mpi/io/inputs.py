@@ -1,0 +1,193 @@
+"""Reading and validating input HDF5 files (DESIGN.md section 6).
+
+An input holds either ``tokens`` int [N, S] (with optional ``lengths`` int [N]) or ``activations``
+[N, S, D] as float32, float16, or bfloat16 stored as uint16 with the attribute ``dtype="bfloat16"``.
+Everything is checked before any work, in bounded memory (row blocks), and every refusal names the
+file, the dataset and the problem.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+
+SCAN_ELEMENTS = 1 << 24  # elements read per block while scanning a dataset
+
+
+class InputError(ValueError):
+    """A bad input file: names the file, the dataset and the problem."""
+
+    def __init__(self, path: str, dataset: str | None, problem: str):
+        self.path, self.dataset, self.problem = str(path), dataset, problem
+        where = f"{path}" + (f", dataset '{dataset}'" if dataset else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    path: str
+    mode: str                 # "tokens" or "activations"
+    n_seqs: int
+    seq_len: int
+    lengths: np.ndarray       # (N,) int64
+    act_dtype: str | None     # activations only: float32, float16 or bfloat16
+
+    @property
+    def dataset(self) -> str:
+        return self.mode
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def _blocks(n_rows: int, row_elems: int):
+    step = max(1, SCAN_ELEMENTS // max(row_elems, 1))
+    for lo in range(0, n_rows, step):
+        yield lo, min(n_rows, lo + step)
+
+
+def _open(path: str) -> h5py.File:
+    if not os.path.exists(path):
+        raise InputError(path, None, "no such file")
+    if os.path.isdir(path):
+        raise InputError(path, None, "is a directory, not an HDF5 file")
+    if os.path.getsize(path) == 0:
+        raise InputError(path, None, "empty file (0 bytes), not an HDF5 file")
+    if not h5py.is_hdf5(path):
+        raise InputError(path, None, "not an HDF5 file (no HDF5 signature)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(path, None, f"cannot be opened as HDF5, truncated or corrupt? ({exc})") from None
+
+
+def _read(path: str, name: str, ds: h5py.Dataset, sel) -> np.ndarray:
+    try:
+        return ds[sel]
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InputError(path, name, f"read failed, file truncated or corrupt? ({exc})") from None
+
+
+def validate_input(path: str, cfg: ModelConfig) -> InputSpec:
+    """Check everything about an input file against a config; return what it holds."""
+    path = str(path)
+    with _open(path) as f:
+        has_tok, has_act = "tokens" in f, "activations" in f
+        if has_tok == has_act:
+            found = ", ".join(sorted(f.keys())) or "nothing"
+            what = "both 'tokens' and 'activations' (keep one)" if has_tok else \
+                "neither 'tokens' [N, S] nor 'activations' [N, S, D]"
+            raise InputError(path, "tokens" if not has_tok else None, f"holds {what}; found: {found}")
+        mode = "tokens" if has_tok else "activations"
+        ds = f[mode]
+        if not isinstance(ds, h5py.Dataset):
+            raise InputError(path, mode, "is a group, expected a dataset")
+        want_ndim = 2 if mode == "tokens" else 3
+        if ds.ndim != want_ndim:
+            shape = "[N, S]" if mode == "tokens" else "[N, S, D]"
+            raise InputError(path, mode, f"has {ds.ndim} dimensions {ds.shape}, expected {want_ndim} {shape}")
+        N, S = ds.shape[:2]
+        if N == 0 or S == 0:
+            raise InputError(path, mode, f"is empty (shape {ds.shape}): no sequences to score")
+
+        act_dtype = None
+        if mode == "tokens":
+            if ds.dtype.kind not in "iu":
+                raise InputError(path, mode, f"has dtype {ds.dtype}, expected an integer type")
+        else:
+            D = ds.shape[2]
+            if D != cfg.hidden_size:
+                raise InputError(path, mode, f"has width {D}, the model's hidden_size is {cfg.hidden_size}")
+            act_dtype = _activation_dtype(path, ds)
+
+        lengths = _lengths(path, f, N, S)
+
+        # Scan the valid region block by block: ids in range / values finite.  Padding is not looked at.
+        row_elems = int(np.prod(ds.shape[1:]))
+        for lo, hi in _blocks(N, row_elems):
+            block = _read(path, mode, ds, np.s_[lo:hi])
+            valid = np.arange(S)[None, :] < lengths[lo:hi, None]
+            if mode == "tokens":
+                bad = valid & ((block < 0) | (block >= cfg.vocab_size))
+                if bad.any():
+                    r, c = np.argwhere(bad)[0]
+                    raise InputError(path, mode, f"token id {block[r, c]} at [{lo + r}, {c}] is outside the "
+                                                 f"vocabulary [0, {cfg.vocab_size})")
+            else:
+                values = decode_activations(block, act_dtype).float().numpy()
+                bad = valid & ~np.isfinite(values).all(axis=-1)
+                if bad.any():
+                    r, c = np.argwhere(bad)[0]
+                    raise InputError(path, mode, f"non-finite value (NaN or Inf) at sequence {lo + r}, position {c}")
+    return InputSpec(path=path, mode=mode, n_seqs=N, seq_len=S, lengths=lengths, act_dtype=act_dtype)
+
+
+def _activation_dtype(path: str, ds: h5py.Dataset) -> str:
+    declared = ds.attrs.get("dtype")
+    if isinstance(declared, bytes):
+        declared = declared.decode()
+    if ds.dtype == np.uint16:
+        if declared != "bfloat16":
+            raise InputError(path, "activations", "is uint16 without the attribute dtype='bfloat16'; "
+                                                  "store float32/float16, or bfloat16 bits with that attribute")
+        return "bfloat16"
+    if ds.dtype in (np.float32, np.float16):
+        return str(ds.dtype)
+    raise InputError(path, "activations", f"has dtype {ds.dtype}, expected float32, float16 or "
+                                          "bfloat16 (uint16 with attribute dtype='bfloat16')")
+
+
+def _lengths(path: str, f: h5py.File, N: int, S: int) -> np.ndarray:
+    if "lengths" not in f:
+        return np.full(N, S, dtype=np.int64)
+    ds = f["lengths"]
+    if not isinstance(ds, h5py.Dataset) or ds.shape != (N,):
+        raise InputError(path, "lengths", f"has shape {getattr(ds, 'shape', None)}, expected [{N}] "
+                                          "(one length per sequence)")
+    if ds.dtype.kind not in "iu":
+        raise InputError(path, "lengths", f"has dtype {ds.dtype}, expected an integer type")
+    lengths = _read(path, "lengths", ds, ()).astype(np.int64)
+    bad = np.flatnonzero((lengths < 1) | (lengths > S))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(path, "lengths", f"sequence {i} has length {lengths[i]}, lengths must be in [1, {S}] "
+                                          f"({bad.size} out of range)")
+    return lengths
+
+
+def decode_activations(block: np.ndarray, act_dtype: str) -> torch.Tensor:
+    if act_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(block).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(block))
+
+
+class InputReader:
+    """Reads chosen sequences, trimmed to their longest length, as tensors ready for ``Batch``."""
+
+    def __init__(self, spec: InputSpec):
+        self.spec = spec
+        self.file = h5py.File(spec.path, "r")
+        self.ds = self.file[spec.mode]
+
+    def read(self, seqs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(data, lengths) of sequences ``seqs`` (increasing indices): data is (B, S') tokens int64
+        or (B, S', D) activations, S' the longest of their lengths."""
+        lengths = self.spec.lengths[seqs]
+        width = int(lengths.max())
+        block = self.ds[np.asarray(seqs), :width]
+        if self.spec.mode == "tokens":
+            data = torch.from_numpy(block.astype(np.int64))
+            data[torch.arange(width)[None, :] >= torch.from_numpy(lengths)[:, None]] = 0
+        else:
+            data = decode_activations(block, self.spec.act_dtype).clone()
+            data[torch.arange(width)[None, :] >= torch.from_numpy(lengths)[:, None]] = 0
+        return data, torch.from_numpy(lengths)
+
+    def close(self) -> None:
+        self.file.close()

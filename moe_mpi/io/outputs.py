@@ -1,0 +1,197 @@
+"""The output HDF5 file: written as ``OUT.h5.partial``, renamed to ``OUT.h5`` only when complete.
+
+Crash safety: every dataset is contiguous and allocated (with its fill value) when the file is
+created, so during the run the file's metadata never changes -- a run only overwrites preallocated
+bytes.  The commit record of which sequences are done, and the expert load they caused, lives in a
+small side file (``OUT.h5.partial.state.npz``) replaced atomically after their data are flushed.  A
+job killed at any moment thus leaves a readable ``.partial`` whose committed sequences are complete;
+``--resume`` recomputes the rest and counts their expert load exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..config import ModelConfig
+from .inputs import InputSpec
+
+# Attributes that must match for --resume to continue a partial file.
+IDENTITY_ATTRS = ("input_file", "input_mode", "n_seqs", "seq_len", "config", "dtype", "seed", "model",
+                  "save_hidden", "save_routing")
+
+
+class OutputError(ValueError):
+    pass
+
+
+def partial_path(out: str) -> str:
+    return f"{out}.partial"
+
+
+def state_path(out: str) -> str:
+    return f"{out}.partial.state.npz"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    dtype: str
+    seed: int
+    model: str | None
+    save_hidden: bool
+    save_routing: bool
+    device: str = "cpu"
+
+
+@dataclass
+class SeqResult:
+    """What one sequence produced; arrays are trimmed to the sequence's length."""
+    seq: int
+    length: int
+    token_logprobs: np.ndarray | None   # (len,) float32, NaN at 0
+    hidden: np.ndarray | None           # (len, D) float32
+    expert_ids: np.ndarray | None       # (L_moe, len, K) int16
+
+
+def check_output_path(out: str, in_path: str, *, overwrite: bool, resume: bool) -> None:
+    """Refuse outputs that would destroy the input, land nowhere, or clobber a result."""
+    out_abs, in_abs = os.path.realpath(out), os.path.realpath(in_path)
+    if out_abs == in_abs or os.path.realpath(partial_path(out)) == in_abs:
+        raise OutputError(f"{out}: the output path is the input file; writing it would destroy the input")
+    parent = os.path.dirname(out_abs)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{out}: output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{out}: output directory {parent} is not writable")
+    if os.path.exists(out) and not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    if resume and not os.path.exists(partial_path(out)):
+        raise OutputError(f"{out}: --resume given but {partial_path(out)} does not exist")
+
+
+def _contiguous(group: h5py.Group, name: str, shape, dtype, fill) -> h5py.Dataset:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=dcpl, track_times=False)
+
+
+class OutputFile:
+    """Owns the ``.partial`` file of one run; only one rank ever opens it."""
+
+    @classmethod
+    def create(cls, out: str, cfg: ModelConfig, spec: InputSpec, opts: OutputOptions) -> "OutputFile":
+        path = partial_path(out)
+        tmp = f"{path}.tmp"
+        f = h5py.File(tmp, "w")
+        N, S, D = spec.n_seqs, spec.seq_len, cfg.hidden_size
+        L, E, K = cfg.n_moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
+        if spec.mode == "tokens":
+            _contiguous(f, "token_logprobs", (N, S), np.float32, np.nan)
+            _contiguous(f, "sequence_logprob", (N,), np.float64, np.nan)
+        if opts.save_hidden or spec.mode == "activations":
+            _contiguous(f, "hidden", (N, S, D), np.float32, np.nan)
+        if opts.save_routing:
+            _contiguous(f.require_group("routing"), "expert_ids", (L, N, S, K), np.int16, -1)
+        _contiguous(f, "expert_load", (L, E), np.int64, 0)
+        _contiguous(f, "done", (N,), np.bool_, False)
+        _contiguous(f, "lengths", (N,), np.int64, 0)[...] = spec.lengths
+        f.attrs.update({
+            "input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": N, "seq_len": S,
+            "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed, "model": opts.model or "",
+            "save_hidden": opts.save_hidden, "save_routing": opts.save_routing, "device": opts.device,
+            "moe_mpi_version": __version__, "complete": False,
+        })
+        f.close()
+        if os.path.exists(state_path(out)):
+            os.remove(state_path(out))
+        os.replace(tmp, path)  # a kill during creation leaves only the .tmp behind
+        return cls(h5py.File(path, "r+"), out, cfg, spec)
+
+    @classmethod
+    def reopen(cls, out: str, cfg: ModelConfig, spec: InputSpec, opts: OutputOptions) -> "OutputFile":
+        """Open a partial file for --resume, refusing one made from another input or settings."""
+        path = partial_path(out)
+        try:
+            f = h5py.File(path, "r+")
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot be opened to resume ({exc}); delete it and start again") from None
+        want = {"input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": spec.n_seqs,
+                "seq_len": spec.seq_len, "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed,
+                "model": opts.model or "", "save_hidden": opts.save_hidden, "save_routing": opts.save_routing}
+        for key in IDENTITY_ATTRS:
+            have = f.attrs.get(key)
+            if isinstance(have, bytes):
+                have = have.decode()
+            if isinstance(have, np.generic):
+                have = have.item()
+            if have != want[key]:
+                f.close()
+                raise OutputError(f"{path}: cannot resume, it was made with {key}={have!r} but this run has "
+                                  f"{key}={want[key]!r}")
+        self = cls(f, out, cfg, spec)
+        # The side file is the truth; the HDF5 copies of done/expert_load may be a write behind.
+        f["done"][...] = self.done
+        f["expert_load"][...] = self.load
+        f.flush()
+        return self
+
+    def __init__(self, file: h5py.File, out: str, cfg: ModelConfig, spec: InputSpec):
+        self.f, self.out, self.path, self.cfg, self.spec = file, out, partial_path(out), cfg, spec
+        self.done = np.zeros(spec.n_seqs, dtype=bool)
+        self.load = np.zeros((cfg.n_moe_layers, cfg.n_routed_experts), dtype=np.int64)
+        if os.path.exists(state_path(out)):
+            with np.load(state_path(out)) as st:
+                self.done = np.unpackbits(st["done"], count=spec.n_seqs).astype(bool)
+                self.load = st["expert_load"].astype(np.int64)
+
+    def _commit_state(self) -> None:
+        tmp = state_path(self.out) + ".tmp.npz"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, done=np.packbits(self.done), expert_load=self.load)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, state_path(self.out))
+
+    def done_mask(self) -> np.ndarray:
+        return self.done.copy()
+
+    def write(self, results: list[SeqResult], expert_load_LE: np.ndarray) -> None:
+        """Write finished sequences, flush, then mark them done (the order that makes a kill safe)."""
+        f = self.f
+        for r in sorted(results, key=lambda r: r.seq):
+            n = r.length
+            if r.token_logprobs is not None:
+                f["token_logprobs"][r.seq, :n] = r.token_logprobs
+                f["sequence_logprob"][r.seq] = np.nansum(r.token_logprobs.astype(np.float64))
+            if r.hidden is not None and "hidden" in f:
+                f["hidden"][r.seq, :n] = r.hidden
+            if r.expert_ids is not None and "routing" in f:
+                f["routing/expert_ids"][:, r.seq, :n] = r.expert_ids
+        f.flush()
+        for r in results:
+            self.done[r.seq] = True
+        if expert_load_LE.size:
+            self.load += expert_load_LE
+        self._commit_state()
+        f["done"][...] = self.done
+        f["expert_load"][...] = self.load
+        f.flush()
+
+    def finish(self, attrs: dict) -> None:
+        """Record run attributes, close, and move the file to its final path."""
+        for k, v in attrs.items():
+            self.f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else (str(v) if isinstance(v, str) else v)
+        self.f.attrs["complete"] = True
+        self.f.close()
+        os.replace(self.path, self.out)
+        if os.path.exists(state_path(self.out)):
+            os.remove(state_path(self.out))
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()

@@ -1,0 +1,69 @@
+"""Who computes which sequences, in which micro-batch.  Pure functions of the lengths, so every rank
+(fronts and experts alike) derives the same plan without talking.
+
+A micro-batch is a group of whole sequences (attention needs the whole prefix) whose padded size,
+sequences x longest length, stays within the token budget; a sequence longer than the budget makes a
+micro-batch on its own.  Step j of the exchange is every front's micro-batch j; an expert rank knows
+from the plan which fronts send it a message at step j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def assign_fronts(lengths: np.ndarray, todo: np.ndarray, n_fronts: int) -> list[np.ndarray]:
+    """Balance sequences over fronts by tokens: longest first, each to the least-loaded front."""
+    order = sorted(todo.tolist(), key=lambda s: (-int(lengths[s]), s))
+    load = [0] * n_fronts
+    shares: list[list[int]] = [[] for _ in range(n_fronts)]
+    for s in order:
+        f = min(range(n_fronts), key=lambda i: (load[i], i))
+        shares[f].append(s)
+        load[f] += int(lengths[s])
+    return [np.asarray(share, dtype=np.int64) for share in shares]
+
+
+def pack_micro_batches(seqs: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Greedy packing of sequences (longest first, so padding stays small) into micro-batches whose
+    padded size B x max(length) is at most max_tokens.  Each micro-batch is returned sorted by index."""
+    order = sorted(seqs.tolist(), key=lambda s: (-int(lengths[s]), s))
+    batches, current, width = [], [], 0
+    for s in order:
+        w = max(width, int(lengths[s]))
+        if current and (len(current) + 1) * w > max_tokens:
+            batches.append(np.sort(np.asarray(current, dtype=np.int64)))
+            current, w = [], int(lengths[s])
+        current.append(s)
+        width = w
+    if current:
+        batches.append(np.sort(np.asarray(current, dtype=np.int64)))
+    return batches
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    per_front: list[list[np.ndarray]]       # [front][micro-batch] -> sequence indices
+
+    @property
+    def n_fronts(self) -> int:
+        return len(self.per_front)
+
+    @property
+    def n_steps(self) -> int:
+        return max((len(mbs) for mbs in self.per_front), default=0)
+
+    def senders(self, step: int) -> list[int]:
+        """Fronts that have a micro-batch at this step (they, and only they, message the experts)."""
+        return [f for f, mbs in enumerate(self.per_front) if step < len(mbs)]
+
+    def tokens(self, front: int, step: int, lengths: np.ndarray) -> int:
+        return int(lengths[self.per_front[front][step]].sum())
+
+
+def make_plan(lengths: np.ndarray, todo: np.ndarray, n_fronts: int, max_tokens: int) -> WorkPlan:
+    if max_tokens < 1:
+        raise ValueError(f"micro-batch tokens must be >= 1, got {max_tokens}")
+    shares = assign_fronts(lengths, todo, n_fronts)
+    return WorkPlan([pack_micro_batches(share, lengths, max_tokens) for share in shares])

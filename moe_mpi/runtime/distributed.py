@@ -1,0 +1,248 @@
+"""The distributed run: F front ranks and one rank per (MoE layer, expert).
+
+Rank 0 checks the input and output first and tells every rank what to do (or that the job is refused).
+Every rank then derives the same work plan from the sequence lengths, builds only its own weights and
+runs its loop:
+
+* a front keeps up to ``in_flight`` micro-batches going; each is a forward generator that stops at
+  every MoE layer while its rows are with that layer's experts, and meanwhile the front computes
+  attention for the others;
+* an expert receives step j's rows from every front that has a micro-batch j, runs one batched MLP,
+  and sends each front its rows back, with the next steps' receives already posted.
+
+Finished sequences travel to rank 0, the only writer.  Waiting ranks back off (sleep) instead of
+spinning, and every wait has a deadline after which the rank names the peers it waits for and the job
+is aborted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..io.inputs import InputReader
+from ..model.transformer import FrontModel
+from ..model.weights import build_expert, build_front
+from ..parallel.partition import WorkPlan, make_plan
+from ..parallel.topology import Communicators, Layout, Role
+from .job import Prepared, ScoreOptions, checkpoint, make_batch, seq_results
+from .metrics import Backoff, Recorder
+
+log = logging.getLogger("moe_mpi")
+RESULT_TAG = 7
+
+
+class DeadlineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Context:
+    """Everything a rank's loop needs, passed explicitly."""
+    opts: ScoreOptions
+    cfg: ModelConfig
+    layout: Layout
+    role: Role
+    comms: Communicators
+    prep: Prepared
+    plan: WorkPlan
+    transport: object
+    rec: Recorder
+    device: torch.device
+
+    def weights_kw(self) -> dict:
+        return dict(seed=self.opts.seed, dtype=self.opts.torch_dtype, device=self.device,
+                    checkpoint=checkpoint(self.opts))
+
+
+class Waiter:
+    """Back-off plus deadline for a loop that polls requests."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.backoff, self.last = ctx, Backoff(), time.monotonic()
+
+    def progressed(self) -> None:
+        self.backoff.reset()
+        self.last = time.monotonic()
+
+    def idle(self, pending) -> None:
+        start = time.perf_counter()
+        if time.monotonic() - self.last > self.ctx.opts.deadline:
+            waiting = "; ".join(pending()[:8]) or "nothing (internal error)"
+            raise DeadlineError(f"{self.ctx.role.describe(self.ctx.cfg)} waited more than "
+                                f"{self.ctx.opts.deadline:g} s for: {waiting}")
+        self.backoff.pause()
+        self.ctx.rec.add_wait(start, time.perf_counter())
+
+
+@dataclass
+class MicroBatch:
+    step: int
+    seqs: np.ndarray
+    batch: object
+    gen: object
+    t_start: float
+    exchange: object = None
+    layer: int = -1
+
+
+class Writer:
+    """Rank 0's side of the results: its own and those other fronts send it."""
+
+    def __init__(self, ctx: Context, out, n_tokens: int):
+        self.ctx, self.out = ctx, out
+        self.fronts_left = ctx.layout.n_fronts - 1
+        self.bar = tqdm(total=n_tokens, unit="tok", desc="score", leave=False, disable=not ctx.opts.progress)
+
+    def write(self, results, load) -> None:
+        with self.ctx.rec.span("write", "io", sequences=len(results)):
+            self.out.write(results, load)
+        self.bar.update(sum(r.length for r in results))
+
+    def poll(self) -> bool:
+        world, got = self.ctx.comms.world, False
+        while world.iprobe(source=MPI.ANY_SOURCE, tag=RESULT_TAG):
+            kind, payload = world.recv(source=MPI.ANY_SOURCE, tag=RESULT_TAG)
+            if kind == "result":
+                self.write(*payload)
+            else:
+                self.fronts_left -= 1
+            got = True
+        return got
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_front(ctx: Context, writer: Writer | None) -> None:
+    opts, f = ctx.opts, ctx.role.front
+    front: FrontModel = build_front(ctx.cfg, **ctx.weights_kw())
+    reader = InputReader(ctx.prep.spec)
+    mine = ctx.plan.per_front[f]
+    world = ctx.comms.world
+    sends: list = []
+    active: deque[MicroBatch] = deque()
+    waiter = Waiter(ctx)
+    ctx.comms.world.Barrier()
+    ctx.rec.restart()
+
+    def advance(mb: MicroBatch, y) -> bool:
+        """Compute until the micro-batch's next MoE layer (posting its exchange) or its end."""
+        with ctx.rec.span(f"compute mb{mb.step}", "compute", step=mb.step, after_layer=mb.layer):
+            try:
+                req = mb.gen.send(y)
+            except StopIteration as stop:
+                results = seq_results(front, mb.batch, mb.seqs, stop.value, save_hidden=opts.save_hidden,
+                                      save_routing=opts.save_routing)
+                load = stop.value.expert_load_LE.numpy()
+                ctx.rec.latencies.append(time.perf_counter() - mb.t_start)
+                if writer is not None:
+                    writer.write(results, load)
+                else:
+                    sends.append(world.isend(("result", (results, load)), dest=0, tag=RESULT_TAG))
+                return True
+        with ctx.rec.span(f"dispatch mb{mb.step} L{req.moe_layer}", "send", step=mb.step, layer=req.moe_layer):
+            mb.layer = req.moe_layer
+            mb.exchange = ctx.transport.dispatch(req.moe_layer, mb.step, req.x_ND, req.plan.offsets)
+        return False
+
+    def pending() -> list[str]:
+        return [p for mb in active for p in mb.exchange.pending()]
+
+    next_step = 0
+    with torch.inference_mode():
+        while next_step < len(mine) or active:
+            progressed = False
+            while len(active) < opts.in_flight and next_step < len(mine):
+                seqs = mine[next_step]
+                with ctx.rec.span(f"read mb{next_step}", "io"):
+                    batch = make_batch(reader, seqs, ctx.device)
+                mb = MicroBatch(next_step, seqs, batch, front.forward_steps(batch), time.perf_counter())
+                next_step += 1
+                if not advance(mb, None):
+                    active.append(mb)
+                progressed = True
+            for mb in list(active):
+                if mb.exchange.test():
+                    if advance(mb, mb.exchange.result()):
+                        active.remove(mb)
+                    progressed = True
+            if writer is not None:
+                progressed |= writer.poll()
+            if progressed:
+                waiter.progressed()
+            else:
+                waiter.idle(pending)
+    reader.close()
+    if writer is None:
+        sends.append(world.isend(("done", f), dest=0, tag=RESULT_TAG))
+        while not MPI.Request.Testall(sends):
+            waiter.idle(lambda: ["rank 0 (the writer) to take this front's results"])
+    else:
+        while writer.fronts_left > 0:
+            if writer.poll():
+                waiter.progressed()
+            else:
+                waiter.idle(lambda: [f"results from {writer.fronts_left} more front(s)"])
+
+
+def run_expert(ctx: Context) -> None:
+    role, plan, lengths = ctx.role, ctx.plan, ctx.prep.spec.lengths
+    mlp = build_expert(ctx.cfg, role.layer, role.expert, **ctx.weights_kw())
+    n_steps, depth = plan.n_steps, max(2, ctx.opts.in_flight)
+    receives: dict = {}
+    replies: deque = deque()
+    waiter = Waiter(ctx)
+
+    def post(step: int) -> None:
+        senders = plan.senders(step)
+        caps = [plan.tokens(fr, step, lengths) for fr in senders]
+        receives[step] = ctx.transport.expect(role.layer, step, senders, caps)
+
+    ctx.comms.world.Barrier()
+    ctx.rec.restart()
+    for step in range(min(depth, n_steps)):
+        post(step)
+    with torch.inference_mode():
+        for step in range(n_steps):
+            recv = receives[step]
+            while not recv.test():
+                while replies and replies[0].test():
+                    replies.popleft()
+                waiter.idle(lambda: recv.pending() + [p for r in replies for p in r.pending()])
+            waiter.progressed()
+            rows = recv.rows()
+            counts = [r.shape[0] for r in rows]
+            with ctx.rec.span(f"expert step {step}", "compute", step=step, rows=sum(counts)):
+                x = torch.cat(rows).to(ctx.device) if rows else torch.empty(0, ctx.cfg.hidden_size)
+                y = mlp(x) if x.shape[0] else x
+                ys = list(y.cpu().split(counts)) if rows else []
+            ctx.rec.rows_in += sum(counts)
+            with ctx.rec.span(f"reply step {step}", "send", step=step):
+                replies.append(ctx.transport.reply(role.layer, step, recv.senders, ys))
+            if step + depth < n_steps:
+                post(step + depth)
+            while replies and replies[0].test():
+                replies.popleft()
+    while replies:
+        if replies[0].test():
+            replies.popleft()
+        else:
+            waiter.idle(lambda: [p for r in replies for p in r.pending()])
+
+
+def set_threads(world) -> None:
+    """Share the node's cores among its ranks: oversubscribed ranks must not fight over threads."""
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    n_local = local.Get_size()
+    local.Free()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // n_local))

@@ -1,0 +1,155 @@
+"""A scoring job: its options, the checks made before any work, and the pieces every runtime shares
+(building the model's parts, turning a forward's result into per-sequence outputs, final attributes).
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import ModelConfig
+from ..io.inputs import InputReader, InputSpec, validate_input
+from ..io.outputs import OutputFile, OutputOptions, SeqResult, check_output_path
+from ..model.transformer import Batch, FrontModel, FrontResult
+from ..model.weights import Checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    input: str
+    output: str
+    config: str | None = None           # preset name or JSON path (ignored with model)
+    model: str | None = None            # Hugging Face checkpoint directory
+    front_ranks: int = 1
+    micro_batch_tokens: int = 2048
+    in_flight: int = 4                  # micro-batches in flight per front
+    dtype: str = "float32"
+    device: str = "cpu"
+    save_hidden: bool = False
+    save_routing: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    trace: str | None = None
+    seed: int = 0
+    deadline: float = 300.0             # seconds an exchange may wait before the job is aborted
+    progress: bool = True
+    transport: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(dtype=self.dtype, seed=self.seed,
+                             model=os.path.realpath(self.model) if self.model else None,
+                             save_hidden=self.save_hidden, save_routing=self.save_routing, device=self.device)
+
+
+def load_config(opts: ScoreOptions) -> ModelConfig:
+    return ModelConfig.load(opts.model if opts.model else (opts.config or "tiny"))
+
+
+def checkpoint(opts: ScoreOptions) -> Checkpoint | None:
+    return Checkpoint(opts.model) if opts.model else None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the checks found: the input's shape and the sequences still to compute."""
+    spec: InputSpec
+    todo: np.ndarray          # sequence indices not yet done, increasing
+
+
+def prepare(opts: ScoreOptions, cfg: ModelConfig) -> tuple[Prepared, OutputFile]:
+    """Every check that can fail on bad input, then open (or reopen) the output.  Raises InputError,
+    OutputError or WeightError with a message for the user; nothing is written before all pass."""
+    if opts.micro_batch_tokens < 1:
+        raise ValueError(f"--micro-batch-tokens must be >= 1, got {opts.micro_batch_tokens}")
+    spec = validate_input(opts.input, cfg)
+    check_output_path(opts.output, opts.input, overwrite=opts.overwrite or opts.resume, resume=opts.resume)
+    ck = checkpoint(opts)
+    if ck is not None:
+        verify_checkpoint(ck, cfg)
+    if opts.resume:
+        out = OutputFile.reopen(opts.output, cfg, spec, opts.output_options())
+    else:
+        out = OutputFile.create(opts.output, cfg, spec, opts.output_options())
+    todo = np.flatnonzero(~out.done_mask()).astype(np.int64)
+    return Prepared(spec, todo), out
+
+
+def verify_checkpoint(ck: Checkpoint, cfg: ModelConfig) -> None:
+    """Shapes of every tensor the run will read, from the safetensors headers (no data read)."""
+    from safetensors import safe_open
+
+    from ..model.layers import MLP
+    from ..model.weights import WeightError, expert_prefix
+
+    with torch.device("meta"):
+        front = FrontModel(cfg)
+        expert = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+    wanted = {n: tuple(p.shape) for n, p in front.named_parameters()}
+    if cfg.tie_word_embeddings:
+        wanted.pop("lm_head.weight")
+    for layer in range(cfg.n_moe_layers):
+        for e in range(cfg.n_routed_experts):
+            pre = expert_prefix(cfg, layer, e)
+            wanted.update({pre + n: tuple(p.shape) for n, p in expert.named_parameters()})
+    by_file: dict = {}
+    for name in wanted:
+        if name not in ck.where:
+            raise WeightError(f"checkpoint {ck.dir}: tensor {name} is missing")
+        by_file.setdefault(ck.where[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, "pt") as st:
+            for name in names:
+                shape = tuple(st.get_slice(name).get_shape())
+                if shape != wanted[name]:
+                    raise WeightError(f"checkpoint {ck.dir}: tensor {name} has shape {shape}, "
+                                      f"expected {wanted[name]}")
+
+
+def make_batch(reader: InputReader, seqs: np.ndarray, device: torch.device) -> Batch:
+    data, lengths = reader.read(seqs)
+    if reader.spec.mode == "tokens":
+        return Batch(lengths.to(device), tokens_BS=data.to(device))
+    return Batch(lengths.to(device), embeds_BSD=data.to(device))
+
+
+def seq_results(front: FrontModel, batch: Batch, seqs: np.ndarray, res: FrontResult, *,
+                save_hidden: bool, save_routing: bool) -> list[SeqResult]:
+    """Split a micro-batch's result into per-sequence rows for the output file."""
+    lengths = batch.lengths_B.cpu().numpy()
+    logprobs = front.logprobs(res.hidden_BSD, batch).cpu().numpy() if batch.tokens_BS is not None else None
+    hidden = res.hidden_BSD.float().cpu().numpy() if (save_hidden or batch.tokens_BS is None) else None
+    ids = None
+    if save_routing and res.expert_ids_LTK:
+        ids_LTK = torch.stack(res.expert_ids_LTK).to(torch.int16).cpu().numpy()   # (L, T, K)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        ids = [ids_LTK[:, starts[b]:starts[b + 1]] for b in range(len(seqs))]
+    return [SeqResult(seq=int(s), length=int(n),
+                      token_logprobs=None if logprobs is None else logprobs[b, :n],
+                      hidden=None if hidden is None else hidden[b, :n],
+                      expert_ids=None if ids is None else ids[b])
+            for b, (s, n) in enumerate(zip(seqs, lengths))]
+
+
+def run_attributes(opts: ScoreOptions, cfg: ModelConfig, *, world_size: int, mpi_version: str,
+                   elapsed: float, tokens: int, metrics: dict | None = None) -> dict:
+    attrs = {
+        "package_version": __version__, "torch_version": torch.__version__, "mpi_library": mpi_version,
+        "python_version": platform.python_version(), "world_size": world_size,
+        "front_ranks": opts.front_ranks if world_size > 1 else 1, "dtype": opts.dtype, "device": opts.device,
+        "seed": opts.seed, "micro_batch_tokens": opts.micro_batch_tokens, "elapsed_seconds": elapsed,
+        "tokens": tokens, "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
+    }
+    if metrics:
+        attrs["metrics"] = metrics
+    return attrs

@@ -1,0 +1,155 @@
+"""``moe-mpi score``'s entry: the 1-rank run or the distributed one, with the job's error policy.
+
+* Bad input, bad output path, bad checkpoint, wrong world size: one line naming the problem, exit 2,
+  nothing written at OUT.h5 (rank 0 checks; every rank learns the verdict and exits alike).
+* Any other error on any rank: one line naming the rank, its role and layer, then MPI_Abort ends the
+  whole job at once, never a hang.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from ..io.inputs import InputError
+from ..io.outputs import OutputError
+from ..model.weights import WeightError
+from .job import ScoreOptions, load_config, prepare, run_attributes
+
+log = logging.getLogger("moe_mpi")
+USER_ERRORS = (InputError, OutputError, WeightError, ValueError)
+
+
+def _mpi():
+    from mpi4py import MPI
+    return MPI
+
+
+def mpi_library_version() -> str:
+    return _mpi().Get_library_version().strip().splitlines()[0]
+
+
+def error(msg: str) -> None:
+    print(f"moe-mpi: error: {msg}", file=sys.stderr, flush=True)
+
+
+def launch(opts: ScoreOptions) -> int:
+    MPI = _mpi()
+    world = MPI.COMM_WORLD
+    if world.Get_size() == 1:
+        from .single import score_single
+        try:
+            attrs = score_single(opts, mpi_library_version())
+        except USER_ERRORS as exc:
+            error(str(exc))
+            return 2
+        except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback with -v
+            print(f"moe-mpi: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            if log.isEnabledFor(logging.DEBUG):
+                traceback.print_exc()
+            return 1
+        summarize(opts, attrs)
+        return 0
+    try:
+        return _distributed(opts, world)
+    except Exception as exc:  # noqa: BLE001 - any failure must end the whole job, loudly, at once
+        who = getattr(exc, "rank_role", None) or f"rank {world.Get_rank()}"
+        print(f"moe-mpi: {who} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if log.isEnabledFor(logging.DEBUG):
+            traceback.print_exc()
+        world.Abort(1)
+        return 1
+
+
+def _distributed(opts: ScoreOptions, comm_world) -> int:
+    from ..parallel.exchange import MPITransport
+    from ..parallel.partition import make_plan
+    from ..parallel.topology import Communicators, check_world_size
+    from .distributed import Context, Writer, run_expert, run_front, set_threads
+    from .metrics import Recorder, aggregate, format_table, write_trace
+
+    rank = comm_world.Get_rank()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    verdict, out = None, None
+    if rank == 0:
+        try:
+            cfg = load_config(opts)
+            check_world_size(cfg, comm_world.Get_size(), opts.front_ranks)
+            prep, out = prepare(opts, cfg)
+            verdict = ("ok", prep)
+        except USER_ERRORS as exc:
+            verdict = ("error", str(exc))
+    verdict = comm_world.bcast(verdict, root=0)
+    if verdict[0] == "error":
+        if rank == 0:
+            error(verdict[1])
+        return 2
+    prep = verdict[1]
+    cfg = load_config(opts)
+    layout = check_world_size(cfg, comm_world.Get_size(), opts.front_ranks)
+    comms = Communicators.create(comm_world, layout)
+    try:
+        role = layout.role(rank)
+        set_threads(comms.world)
+        device = torch.device(opts.device)
+        plan = make_plan(prep.spec.lengths, prep.todo, layout.n_fronts, opts.micro_batch_tokens)
+        label = f"front {role.front}" if role.kind == "front" else f"expert L{role.layer} E{role.expert}"
+        rec = Recorder(rank, label, tracing=bool(opts.trace))
+        transport = MPITransport(comms.layers, layout.n_fronts, cfg.hidden_size, opts.torch_dtype)
+        ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device)
+        n_tokens = int(prep.spec.lengths[prep.todo].sum())
+        if rank == 0:
+            log.info("scoring %d sequences (%d tokens) of %s on %d ranks: %d fronts + %d x %d experts, "
+                     "%d micro-batch steps", len(prep.todo), n_tokens, opts.input, layout.world_size,
+                     layout.n_fronts, layout.n_moe_layers, layout.n_experts, plan.n_steps)
+        try:
+            writer = Writer(ctx, out, n_tokens) if rank == 0 else None
+            if role.kind == "front":
+                run_front(ctx, writer)
+            else:
+                run_expert(ctx)
+        except Exception as exc:
+            exc.rank_role = role.describe(cfg)
+            raise
+        elapsed = time.perf_counter() - rec.t0
+        summaries = comms.world.gather(rec.summary(), root=0)
+        events = comms.world.gather(rec.events, root=0) if opts.trace else None
+        if rank == 0:
+            writer.close()
+            metrics = aggregate(summaries)
+            attrs = run_attributes(opts, cfg, world_size=layout.world_size, mpi_version=mpi_library_version(),
+                                   elapsed=elapsed, tokens=n_tokens, metrics=metrics)
+            out.finish(attrs)
+            if opts.trace:
+                write_trace(opts.trace, summaries, events)
+            log.info("per-rank time (s):\n%s", format_table(summaries))
+            summarize(opts, attrs)
+        comms.world.Barrier()
+    finally:
+        comms.free()
+    return 0
+
+
+def summarize(opts: ScoreOptions, attrs: dict) -> None:
+    """The closing lines a person reads: where the output went and what it says."""
+    import h5py
+
+    with h5py.File(opts.output, "r") as f:
+        mean = None
+        if "token_logprobs" in f:
+            lp = f["sequence_logprob"][...]
+            n_scored = int((f["lengths"][...] - 1).sum())
+            mean = float(np.sum(lp) / max(n_scored, 1))
+    m = attrs.get("metrics") or {}
+    lat = ""
+    if m.get("micro_batch_latency_p50_s") is not None:
+        lat = (f", micro-batch latency p50 {1e3 * m['micro_batch_latency_p50_s']:.1f} ms"
+               f" p99 {1e3 * m['micro_batch_latency_p99_s']:.1f} ms")
+    print(f"wrote {opts.output}: {attrs['tokens']} tokens on {attrs['world_size']} rank(s) in "
+          f"{attrs['elapsed_seconds']:.2f} s, {attrs['tokens_per_second']:.0f} tokens/s"
+          + (f", mean log-prob {mean:.4f}" if mean is not None else "") + lat, flush=True)

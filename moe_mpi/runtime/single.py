@@ -1,0 +1,51 @@
+"""The 1-rank run: the whole model in one process.  It is the reference the distributed run is
+checked against, so it uses the same work plan (one front), the same forward and the same writer."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..model.transformer import LocalExperts, drive
+from ..model.weights import build_all_experts, build_front
+from ..io.inputs import InputReader
+from ..parallel.partition import make_plan
+from .job import ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results
+
+log = logging.getLogger("moe_mpi")
+
+
+def score_single(opts: ScoreOptions, mpi_version: str = "none") -> dict:
+    cfg = load_config(opts)
+    prep, out = prepare(opts, cfg)
+    try:
+        device = torch.device(opts.device)
+        kw = dict(seed=opts.seed, dtype=opts.torch_dtype, device=device, checkpoint=checkpoint(opts))
+        front = build_front(cfg, **kw)
+        experts = LocalExperts(build_all_experts(cfg, **kw))
+        plan = make_plan(prep.spec.lengths, prep.todo, 1, opts.micro_batch_tokens)
+        reader = InputReader(prep.spec)
+        n_tokens = int(prep.spec.lengths[prep.todo].sum())
+        log.info("scoring %d sequences (%d tokens) of %s in one process, %d micro-batches",
+                 len(prep.todo), n_tokens, opts.input, plan.n_steps)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", disable=not opts.progress,
+                                          desc="score", leave=False) as bar:
+            for seqs in plan.per_front[0]:
+                batch = make_batch(reader, seqs, device)
+                res = drive(front.forward_steps(batch), experts)
+                results = seq_results(front, batch, seqs, res, save_hidden=opts.save_hidden,
+                                      save_routing=opts.save_routing)
+                out.write(results, res.expert_load_LE.numpy())
+                bar.update(int(batch.lengths_B.sum()))
+        elapsed = time.perf_counter() - t0
+        reader.close()
+        attrs = run_attributes(opts, cfg, world_size=1, mpi_version=mpi_version, elapsed=elapsed,
+                               tokens=n_tokens)
+        out.finish(attrs)
+        return attrs
+    finally:
+        out.close()
