@@ -154,6 +154,21 @@ def inspect(path):
         raise UserError(f"{path}: cannot be read as HDF5 ({exc})") from None
 
 
+@main.command("export-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--config", "config", default="tiny", show_default=True, help=CONFIG_HELP)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+def export_model(directory, config, seed, dtype):
+    """Write the seeded random weights as a Hugging Face checkpoint (config.json + model.safetensors)."""
+    from .model.weights import export_checkpoint
+    from .runtime.job import DTYPES
+
+    cfg = _config(config)
+    path = export_checkpoint(cfg, directory, seed=seed, dtype=DTYPES[dtype])
+    click.echo(f"wrote {path}")
+
+
 try:  # the performance model adds `plan` and `report`
     from .perf.cli import register as _register_perf
 except ImportError:  # pragma: no cover - perf package not present

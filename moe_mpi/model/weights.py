@@ -116,3 +116,24 @@ def build_expert(cfg: ModelConfig, moe_layer: int, expert: int, *, seed: int = 0
 def build_all_experts(cfg: ModelConfig, **kw) -> list[list[MLP]]:
     return [[build_expert(cfg, l, e, **kw) for e in range(cfg.n_routed_experts)]
             for l in range(cfg.n_moe_layers)]
+
+
+def export_checkpoint(cfg: ModelConfig, directory: str | Path, *, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Seeded weights as a Hugging Face DeepSeek-V3 directory (for tests and the bundled tiny model)."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().contiguous() for n, p in build_front(cfg, seed=seed, dtype=dtype).named_parameters()}
+    for layer, experts in enumerate(build_all_experts(cfg, seed=seed, dtype=dtype)):
+        for e, mlp in enumerate(experts):
+            pre = expert_prefix(cfg, layer, e)
+            tensors.update({pre + n: p.detach().contiguous() for n, p in mlp.named_parameters()})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+          "num_key_value_heads": cfg.num_attention_heads, **cfg.to_dict()}
+    if dtype == torch.bfloat16:
+        hf["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return out

@@ -1,0 +1,170 @@
+"""The command line end to end on one rank: scoring, outputs read back by h5py and h5dump, layout,
+make-inputs/inspect, resume of a half-done output."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from moe_mpi.config import ModelConfig
+from moe_mpi.io.outputs import OutputFile, partial_path
+from moe_mpi.io.inputs import validate_input
+from moe_mpi.model.transformer import Batch, LocalExperts, drive
+from moe_mpi.model.weights import build_all_experts, build_front
+from moe_mpi.runtime.job import ScoreOptions
+
+from conftest import cli, make_tokens, read
+
+
+def reference_logprobs(cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each sequence alone through the model, unpadded: an independent path to the same numbers."""
+    front = build_front(cfg, seed=seed)
+    experts = LocalExperts(build_all_experts(cfg, seed=seed))
+    out = np.full(tokens.shape, np.nan, dtype=np.float32)
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            t = torch.from_numpy(tokens[i:i + 1, :n].astype(np.int64))
+            res = drive(front.forward_steps(Batch(torch.tensor([n]), tokens_BS=t)), experts)
+            logits = front.lm_head(res.hidden_BSD[0]).float()
+            lp = torch.log_softmax(logits, -1)[:-1].gather(1, t[0, 1:, None])[:, 0]
+            out[i, 1:n] = lp.numpy()
+    return out
+
+
+def test_score_end_to_end(tmp_path, tiny_input):
+    out = tmp_path / "out.h5"
+    proc = cli("score", tiny_input, out, "--config", "tiny", "-T", "64", "--save-routing", "--save-hidden",
+               check=True)
+    assert "tokens/s" in proc.stdout and "mean log-prob" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.h5.partial").exists()
+    got = read(out)
+    with h5py.File(tiny_input) as f:
+        tokens, lengths = f["tokens"][...], f["lengths"][...]
+    cfg = ModelConfig.load("tiny")
+    ref = reference_logprobs(cfg, tokens, lengths)
+    lp = got["token_logprobs"]
+    assert np.array_equal(np.isnan(lp), np.isnan(ref))                 # NaN at t=0 and t>=length
+    assert np.isnan(lp[:, 0]).all()
+    np.testing.assert_allclose(lp[~np.isnan(lp)], ref[~np.isnan(ref)], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got["sequence_logprob"], np.nansum(ref.astype(np.float64), axis=1), atol=1e-4)
+    assert got["done"].all()
+    assert np.array_equal(got["lengths"], lengths)
+    ids = got["routing/expert_ids"]
+    assert ids.shape == (cfg.n_moe_layers, 10, 24, cfg.num_experts_per_tok)
+    valid = np.arange(24)[None, :] < lengths[:, None]
+    assert (ids[:, valid] >= 0).all() and (ids[:, ~valid] == -1).all()
+    load = np.stack([np.bincount(ids[layer][valid].ravel(), minlength=cfg.n_routed_experts)
+                     for layer in range(cfg.n_moe_layers)])
+    assert np.array_equal(got["expert_load"], load)
+    assert got["expert_load"].sum() == lengths.sum() * cfg.num_experts_per_tok * cfg.n_moe_layers
+    assert np.isnan(got["hidden"][~valid]).all() and np.isfinite(got["hidden"][valid]).all()
+    attrs = got["attrs"]
+    for key in ("config", "package_version", "torch_version", "mpi_library", "world_size", "front_ranks",
+                "dtype", "device", "seed", "elapsed_seconds", "tokens_per_second"):
+        assert key in attrs, key
+    assert ModelConfig.from_dict(json.loads(attrs["config"])) == cfg
+
+
+@pytest.mark.skipif(shutil.which("h5dump") is None, reason="h5dump (hdf5-tools) not installed")
+def test_output_opens_in_h5dump(tmp_path, tiny_input):
+    out = tmp_path / "out.h5"
+    cli("score", tiny_input, out, "--config", "tiny", check=True)
+    header = subprocess.run(["h5dump", "-H", str(out)], capture_output=True, text=True, check=True).stdout
+    for name in ("token_logprobs", "sequence_logprob", "done", "expert_load", "lengths"):
+        assert f'DATASET "{name}"' in header
+    data = subprocess.run(["h5dump", "-d", "/done", str(out)], capture_output=True, text=True, check=True).stdout
+    assert "DATA" in data
+
+
+def test_activations_mode(tmp_path):
+    cfg = ModelConfig.load("tiny")
+    path, out = tmp_path / "act.h5", tmp_path / "out.h5"
+    cli("make-inputs", path, "--config", "tiny", "-n", "3", "-s", "9", "--activations", "--ragged",
+        "--act-dtype", "bfloat16", "--seed", "5", check=True)
+    cli("score", path, out, "--config", "tiny", check=True)
+    got = read(out)
+    assert "token_logprobs" not in got
+    with h5py.File(path) as f:
+        bits, lengths = f["activations"][...], f["lengths"][...]
+    x = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    front, experts = build_front(cfg), LocalExperts(build_all_experts(cfg))
+    for i, n in enumerate(lengths):
+        res = drive(front.forward_steps(Batch(torch.tensor([n]), embeds_BSD=x[i:i + 1, :n])), experts)
+        np.testing.assert_allclose(got["hidden"][i, :n], res.hidden_BSD[0].detach().numpy(), atol=1e-5)
+        assert np.isnan(got["hidden"][i, n:]).all()
+
+
+def test_refuses_to_overwrite(tmp_path, tiny_input):
+    out = tmp_path / "out.h5"
+    cli("score", tiny_input, out, "--config", "tiny", check=True)
+    before = out.read_bytes()
+    proc = cli("score", tiny_input, out, "--config", "tiny")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == before
+    cli("score", tiny_input, out, "--config", "tiny", "--overwrite", check=True)
+
+
+def test_resume_of_half_done_output(tmp_path, tiny_input):
+    """A partial file with some sequences done: --resume computes only the rest, and the result is
+    bitwise identical to an uninterrupted run."""
+    cfg = ModelConfig.load("tiny")
+    full, half = tmp_path / "full.h5", tmp_path / "half.h5"
+    cli("score", tiny_input, full, "--config", "tiny", "-T", "48", "--save-routing", check=True)
+    ref = read(full)
+    # Make a partial by hand: the first sequences done with their true rows, the rest untouched.
+    opts = ScoreOptions(input=str(tiny_input), output=str(half), config="tiny", save_routing=True)
+    spec = validate_input(str(tiny_input), cfg)
+    out = OutputFile.create(str(half), cfg, spec, opts.output_options())
+    from moe_mpi.io.outputs import SeqResult
+    done = [1, 4, 7]
+    results = [SeqResult(s, int(ref["lengths"][s]), ref["token_logprobs"][s, :ref["lengths"][s]], None,
+                         ref["routing/expert_ids"][:, s, :ref["lengths"][s]]) for s in done]
+    load = np.stack([np.bincount(ref["routing/expert_ids"][layer, done][
+        np.arange(ref["token_logprobs"].shape[1])[None, :] < ref["lengths"][done][:, None]].ravel(),
+        minlength=cfg.n_routed_experts) for layer in range(cfg.n_moe_layers)])
+    out.write(results, load)
+    out.close()
+    assert partial_path(str(half)).endswith(".partial")
+    proc = cli("score", tiny_input, half, "--config", "tiny", "-T", "48", "--save-routing", "--resume",
+               "--no-progress", check=True)
+    assert f"{int(ref['lengths'].sum() - ref['lengths'][done].sum())} tokens" in proc.stdout
+    got = read(half)
+    for key in ("token_logprobs", "sequence_logprob", "routing/expert_ids", "expert_load", "done", "lengths"):
+        assert np.array_equal(got[key], ref[key], equal_nan=True), key
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_input):
+    out = tmp_path / "o.h5"
+    cfg = ModelConfig.load("tiny")
+    opts = ScoreOptions(input=str(tiny_input), output=str(out), config="tiny")
+    OutputFile.create(str(out), cfg, validate_input(str(tiny_input), cfg), opts.output_options()).close()
+    proc = cli("score", tiny_input, out, "--config", "tiny", "--resume", "--seed", "3")
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "seed" in proc.stderr
+
+
+def test_layout_and_tools(tmp_path):
+    proc = cli("layout", "--config", "tiny", "--front-ranks", "2", check=True)
+    assert "world size: 10" in proc.stdout
+    assert cli("layout", "--config", "paper", "--world-size", check=True).stdout.strip() == str(1 + 256 * 58)
+    lay = json.loads(cli("layout", "--config", "tiny", "--json", check=True).stdout)
+    assert lay["ranks"][1] == {"rank": 1, "kind": "expert", "front": None, "layer": 0, "expert": 0}
+    assert lay["ranks"][8] == {"rank": 8, "kind": "expert", "front": None, "layer": 1, "expert": 3}
+    path = tmp_path / "m.h5"
+    cli("make-inputs", path, "--config", "tiny", "-n", "4", "-s", "8", check=True)
+    assert "tokens" in cli("inspect", path, check=True).stdout
+    for cmd in ("score", "make-inputs", "layout", "inspect", "export-model"):
+        assert cli(cmd, "--help", check=True).stdout.startswith("Usage:")
+
+
+def test_bundled_model_matches_seeded_weights(tmp_path):
+    """inputs/tiny-model is the tiny preset's seed-0 weights in Hugging Face layout."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    cli("score", "inputs/tiny.h5", a, "--model", "inputs/tiny-model", check=True)
+    cli("score", "inputs/tiny.h5", b, "--config", "tiny", check=True)
+    assert np.array_equal(read(a)["token_logprobs"], read(b)["token_logprobs"], equal_nan=True)
