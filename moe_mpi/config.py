@@ -66,6 +66,8 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"config {self.name!r}: {what}")
 
+        self._check_types()
+
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                   "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
                   "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"):
@@ -89,7 +91,8 @@ class ModelConfig:
              f"topk_group={self.topk_group} groups of {per_group} experts cannot hold "
              f"num_experts_per_tok={self.num_experts_per_tok} choices")
         need(self.topk_method != "noaux_tc" or per_group >= 2 or self.n_group == 1,
-             "noaux_tc scores a group by its top-2 experts, so groups need at least 2 experts")
+             f"n_group={self.n_group} leaves {per_group} expert per group, but noaux_tc scores a group by "
+             "its top-2 experts: use fewer groups")
         need(self.scoring_func in SCORING_FUNCS,
              f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
         need(self.topk_method in TOPK_METHODS,
@@ -104,6 +107,24 @@ class ModelConfig:
             if kind == "yarn":
                 need(float(self.rope_scaling.get("factor", 0)) >= 1,
                      f"rope_scaling.factor must be >= 1, got {self.rope_scaling.get('factor')!r}")
+
+    def _check_types(self) -> None:
+        """JSON gives any type anywhere: refuse wrong ones by field name before comparing values."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            ok = True
+            if kind.startswith("int"):
+                ok = (isinstance(v, int) and not isinstance(v, bool)) or (v is None and "None" in kind)
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif kind == "bool":
+                ok = isinstance(v, bool)
+            elif kind == "str":
+                ok = isinstance(v, str)
+            elif kind.startswith("dict"):
+                ok = v is None or isinstance(v, dict)
+            if not ok:
+                raise ValueError(f"config {self.name!r}: {f.name} must be of type {kind}, got {v!r}")
 
     # --- derived sizes ---
     @property
@@ -150,14 +171,15 @@ class ModelConfig:
             values.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
                 values.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
-        if values.get("n_group") is None:
-            values["n_group"] = 1
-        if values.get("topk_group") is None:
-            values["topk_group"] = 1
+        # An explicit null means "no grouping"; a missing field takes transformers' default.
+        for key in ("n_group", "topk_group"):
+            if key in values and values[key] is None:
+                values[key] = 1
         nkv = raw.get("num_key_value_heads")
-        if nkv is not None and nkv != raw.get("num_attention_heads", nkv):
+        heads = raw.get("num_attention_heads", cls.num_attention_heads)
+        if nkv is not None and nkv != heads:
             raise ValueError(f"config {name!r}: MLA needs num_key_value_heads == num_attention_heads, "
-                             f"got {nkv} and {raw.get('num_attention_heads')}")
+                             f"got {nkv} and {heads}")
         values["name"] = name
         try:
             return cls(**values)

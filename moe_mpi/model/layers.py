@@ -93,6 +93,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+# DeepSeek (and transformers) build the q/kv latent norms with the default eps, not rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
+
 class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3), causal, without a KV cache (we score whole sequences)."""
 
@@ -104,10 +108,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
 
