@@ -50,14 +50,15 @@ class Requests:
 
 
 class FrontExchange:
-    def __init__(self, y_ND: torch.Tensor, reqs: Requests):
-        self.y_ND, self.reqs = y_ND, reqs
+    def __init__(self, y_ND: torch.Tensor, reqs: Requests, device: torch.device):
+        self.y_ND, self.reqs, self.device = y_ND, reqs, device
 
     def test(self) -> bool:
         return self.reqs.test()
 
     def result(self) -> torch.Tensor:
-        return self.y_ND
+        """The experts' answers, on the compute device (staged back from host memory if need be)."""
+        return self.y_ND.to(self.device, non_blocking=False)
 
     def pending(self) -> list[str]:
         return self.reqs.pending()
@@ -65,9 +66,9 @@ class FrontExchange:
 
 class ExpertReceive:
     def __init__(self, bufs: list[torch.Tensor], reqs: list, statuses: list, senders: list[int],
-                 row_bytes: int, peers: list[str]):
+                 row_bytes: int, peers: list[str], device: torch.device):
         self.bufs, self.reqs, self.statuses, self.senders = bufs, reqs, statuses, senders
-        self.row_bytes, self.peers = row_bytes, peers
+        self.row_bytes, self.peers, self.device = row_bytes, peers, device
 
     def test(self) -> bool:
         done = True
@@ -83,23 +84,27 @@ class ExpertReceive:
         return [p for r, p in zip(self.reqs, self.peers) if r != MPI.REQUEST_NULL]
 
     def rows(self) -> list[torch.Tensor]:
-        """Each sender's rows, trimmed to what it actually sent."""
-        return [buf[: st.Get_count(MPI.BYTE) // self.row_bytes] for buf, st in zip(self.bufs, self.statuses)]
+        """Each sender's rows, trimmed to what it actually sent, on the compute device."""
+        return [buf[: st.Get_count(MPI.BYTE) // self.row_bytes].to(self.device)
+                for buf, st in zip(self.bufs, self.statuses)]
 
 
 class MPITransport:
-    """Host-memory transport over the per-layer communicators (CPU tensors)."""
+    """Host-memory transport over the per-layer communicators.  Tensors on a GPU are staged through
+    host memory (this MPI need not be CUDA-aware)."""
 
     name = "mpi"
 
-    def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype):
+    def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")):
         self.comms, self.n_fronts, self.hidden, self.dtype = layer_comms, n_fronts, hidden, dtype
+        self.device = device
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
 
     # --- front side ---
     def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> FrontExchange:
         comm, tag = self.comms[layer], step % TAG_MOD
-        x_ND = x_ND.contiguous()
+        x_ND = x_ND.contiguous().cpu()
         y_ND = torch.empty_like(x_ND)
         reqs = Requests()
         for e in range(len(offsets) - 1):
@@ -111,7 +116,7 @@ class MPITransport:
             send_buf = as_bytes(x_ND[lo:hi])
             reqs.add(comm.Isend([send_buf, MPI.BYTE], dest=dest, tag=tag), send_buf, "send to " + peer)
         reqs.bufs.append(x_ND)
-        return FrontExchange(y_ND, reqs)
+        return FrontExchange(y_ND, reqs, self.device)
 
     # --- expert side ---
     def expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> ExpertReceive:
@@ -123,12 +128,20 @@ class MPITransport:
             bufs.append(buf)
             statuses.append(MPI.Status())
             peers.append(f"front {front} (micro-batch step {step})")
-        return ExpertReceive(bufs, reqs, statuses, senders, self.row_bytes, peers)
+        return ExpertReceive(bufs, reqs, statuses, senders, self.row_bytes, peers, self.device)
 
     def reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> Requests:
         comm, tag = self.comms[layer], step % TAG_MOD
         reqs = Requests()
         for front, y in zip(senders, ys):
-            buf = as_bytes(y.contiguous())
+            buf = as_bytes(y.contiguous().cpu())
             reqs.add(comm.Isend([buf, MPI.BYTE], dest=front, tag=tag), buf, f"reply to front {front}")
         return reqs
+
+
+def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype,
+                   device: torch.device):
+    """The transport for this run: ``auto`` picks the fastest one that works here."""
+    if name in ("auto", "mpi", "mpi-staged"):
+        return MPITransport(layer_comms, n_fronts, hidden, dtype, device)
+    raise ValueError(f"--transport {name} is not available in this build")

@@ -222,9 +222,9 @@ def run_expert(ctx: Context) -> None:
             rows = recv.rows()
             counts = [r.shape[0] for r in rows]
             with ctx.rec.span(f"expert step {step}", "compute", step=step, rows=sum(counts)):
-                x = torch.cat(rows).to(ctx.device) if rows else torch.empty(0, ctx.cfg.hidden_size)
+                x = torch.cat(rows) if rows else torch.empty(0, ctx.cfg.hidden_size, device=ctx.device)
                 y = mlp(x) if x.shape[0] else x
-                ys = list(y.cpu().split(counts)) if rows else []
+                ys = list(y.split(counts)) if rows else []
             ctx.rec.rows_in += sum(counts)
             with ctx.rec.span(f"reply step {step}", "send", step=step):
                 replies.append(ctx.transport.reply(role.layer, step, recv.senders, ys))

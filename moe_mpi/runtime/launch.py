@@ -66,7 +66,7 @@ def launch(opts: ScoreOptions) -> int:
 
 
 def _distributed(opts: ScoreOptions, comm_world) -> int:
-    from ..parallel.exchange import MPITransport
+    from ..parallel.exchange import make_transport
     from ..parallel.partition import make_plan
     from ..parallel.topology import Communicators, check_world_size
     from .distributed import Context, Writer, run_expert, run_front, set_threads
@@ -100,7 +100,8 @@ def _distributed(opts: ScoreOptions, comm_world) -> int:
         plan = make_plan(prep.spec.lengths, prep.todo, layout.n_fronts, opts.micro_batch_tokens)
         label = f"front {role.front}" if role.kind == "front" else f"expert L{role.layer} E{role.expert}"
         rec = Recorder(rank, label, tracing=bool(opts.trace))
-        transport = MPITransport(comms.layers, layout.n_fronts, cfg.hidden_size, opts.torch_dtype)
+        transport = make_transport(opts.transport, comms.layers, layout.n_fronts, cfg.hidden_size,
+                                   opts.torch_dtype, device)
         ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device)
         n_tokens = int(prep.spec.lengths[prep.todo].sum())
         if rank == 0:
