@@ -175,6 +175,16 @@ def lm_head(cfg: ModelConfig, T: float, b: int) -> Piece:
                  2.0 * T * D * b + 3.0 * T * V * 4, int(4 * slices) + 1)
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Useful FLOP of one token through the model, on the fronts and on the experts (K of each layer)."""
+    L, L_moe, b = cfg.num_hidden_layers, cfg.n_moe_layers, 2        # b does not change FLOP
+    front = (L * attention(cfg, 1, seq_len, b).flops + (L - L_moe) * dense_mlp(cfg, 1, b).flops
+             + L_moe * (router(cfg, 1, b).flops + shared_experts(cfg, 1, b).flops + combine(cfg, 1, b).flops)
+             + lm_head(cfg, 1, b).flops)
+    experts = L_moe * cfg.num_experts_per_tok * expert(cfg, 1, b).flops
+    return {"front": front, "experts": experts, "total": front + experts}
+
+
 # --- messages ---
 def message_bytes(cfg: ModelConfig, rows: float, b: int) -> float:
     """Payload of rows (T*K routed rows, or what one expert answers) plus the count that travels first.
@@ -197,11 +207,13 @@ def front_memory_bytes(cfg: ModelConfig, T: int, in_flight: int, b: int) -> dict
     return {"weights": weights, "activations": float(acts), "total": weights + acts}
 
 
-def expert_memory_bytes(cfg: ModelConfig, rows: float, experts_per_rank: int, in_flight: int,
-                        b: int) -> dict[str, float]:
-    """k experts' weights, receive and send buffers for each in-flight step, and one MLP's working set
-    (gate, up and their product: 3 x rows x I) for the expert running now."""
+EXPERT_STEPS_BUFFERED = 2  # an expert receives step s+1 while it computes step s; later senders wait
+
+
+def expert_memory_bytes(cfg: ModelConfig, rows: float, experts_per_rank: int, b: int) -> dict[str, float]:
+    """k experts' weights; receive and send buffers of ``rows`` rows per expert for two steps; and one
+    MLP's working set (gate, up and their product: 3 x rows x I) for the expert running now."""
     D, I = cfg.hidden_size, cfg.moe_intermediate_size
     weights = experts_per_rank * expert_params(cfg) * b
-    acts = in_flight * experts_per_rank * 2 * rows * D * b + 3 * rows * I * b
+    acts = EXPERT_STEPS_BUFFERED * experts_per_rank * 2 * rows * D * b + 3 * rows * I * b
     return {"weights": float(weights), "activations": float(acts), "total": float(weights + acts)}
