@@ -111,7 +111,7 @@ def test_refuses_to_overwrite(tmp_path, tiny_input):
 
 
 def test_resume_of_half_done_output(tmp_path, tiny_input):
-    """A partial file with some sequences done: --resume computes only the rest, and the result is
+    """A partial file with some micro-batches done: --resume computes only the rest, and the result is
     bitwise identical to an uninterrupted run."""
     cfg = ModelConfig.load("tiny")
     full, half = tmp_path / "full.h5", tmp_path / "half.h5"
@@ -122,7 +122,9 @@ def test_resume_of_half_done_output(tmp_path, tiny_input):
     spec = validate_input(str(tiny_input), cfg)
     out = OutputFile.create(str(half), cfg, spec, opts.output_options())
     from moe_mpi.io.outputs import SeqResult
-    done = [1, 4, 7]
+    from moe_mpi.parallel.partition import make_plan
+    first = make_plan(ref["lengths"], 1, 48).per_front[0]
+    done = sorted(set(first[0]) | set(first[len(first) - 1]))   # two whole micro-batches
     results = [SeqResult(s, int(ref["lengths"][s]), ref["token_logprobs"][s, :ref["lengths"][s]], None,
                          ref["routing/expert_ids"][:, s, :ref["lengths"][s]]) for s in done]
     load = np.stack([np.bincount(ref["routing/expert_ids"][layer, done][

@@ -5,6 +5,10 @@ A micro-batch is a group of whole sequences (attention needs the whole prefix) w
 sequences x longest length, stays within the token budget; a sequence longer than the budget makes a
 micro-batch on its own.  Step j of the exchange is every front's micro-batch j; an expert rank knows
 from the plan which fronts send it a message at step j.
+
+The plan is always made from every sequence of the input; a resumed run then drops the micro-batches
+already done, keeping the step numbers.  So a micro-batch meets the same partners in every run of a
+layout, and a resumed run computes bit for bit what the uninterrupted run computed.
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def assign_fronts(lengths: np.ndarray, todo: np.ndarray, n_fronts: int) -> list[np.ndarray]:
+def assign_fronts(lengths: np.ndarray, seqs: np.ndarray, n_fronts: int) -> list[np.ndarray]:
     """Balance sequences over fronts by tokens: longest first, each to the least-loaded front."""
-    order = sorted(todo.tolist(), key=lambda s: (-int(lengths[s]), s))
+    order = sorted(seqs.tolist(), key=lambda s: (-int(lengths[s]), s))
     load = [0] * n_fronts
     shares: list[list[int]] = [[] for _ in range(n_fronts)]
     for s in order:
@@ -44,26 +48,33 @@ def pack_micro_batches(seqs: np.ndarray, lengths: np.ndarray, max_tokens: int) -
 
 @dataclass(frozen=True)
 class WorkPlan:
-    per_front: list[list[np.ndarray]]       # [front][micro-batch] -> sequence indices
+    per_front: list[dict[int, np.ndarray]]   # [front] {step: sequence indices}, steps increasing
 
     @property
     def n_fronts(self) -> int:
         return len(self.per_front)
 
     @property
-    def n_steps(self) -> int:
-        return max((len(mbs) for mbs in self.per_front), default=0)
+    def steps(self) -> list[int]:
+        """Every step at which some front has a micro-batch, increasing."""
+        return sorted(set().union(*(mbs.keys() for mbs in self.per_front)))
 
     def senders(self, step: int) -> list[int]:
         """Fronts that have a micro-batch at this step (they, and only they, message the experts)."""
-        return [f for f, mbs in enumerate(self.per_front) if step < len(mbs)]
+        return [f for f, mbs in enumerate(self.per_front) if step in mbs]
 
     def tokens(self, front: int, step: int, lengths: np.ndarray) -> int:
         return int(lengths[self.per_front[front][step]].sum())
 
+    def without_done(self, done: np.ndarray) -> "WorkPlan":
+        """Drop micro-batches whose sequences are all done; the rest keep their step numbers."""
+        return WorkPlan([{j: seqs for j, seqs in mbs.items() if not done[seqs].all()} for mbs in self.per_front])
 
-def make_plan(lengths: np.ndarray, todo: np.ndarray, n_fronts: int, max_tokens: int) -> WorkPlan:
+
+def make_plan(lengths: np.ndarray, n_fronts: int, max_tokens: int, done: np.ndarray | None = None) -> WorkPlan:
+    """The plan for every sequence, less the micro-batches ``done`` marks complete."""
     if max_tokens < 1:
         raise ValueError(f"micro-batch tokens must be >= 1, got {max_tokens}")
-    shares = assign_fronts(lengths, todo, n_fronts)
-    return WorkPlan([pack_micro_batches(share, lengths, max_tokens) for share in shares])
+    shares = assign_fronts(lengths, np.arange(len(lengths)), n_fronts)
+    plan = WorkPlan([dict(enumerate(pack_micro_batches(share, lengths, max_tokens))) for share in shares])
+    return plan if done is None else plan.without_done(done)

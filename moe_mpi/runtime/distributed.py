@@ -34,6 +34,7 @@ from ..model.weights import build_expert, build_front
 from ..parallel.partition import WorkPlan, make_plan
 from ..parallel.topology import Communicators, Layout, Role
 from .job import Prepared, ScoreOptions, checkpoint, make_batch, seq_results
+from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
 log = logging.getLogger("moe_mpi")
@@ -57,6 +58,7 @@ class Context:
     transport: object
     rec: Recorder
     device: torch.device
+    control: StopControl
 
     def weights_kw(self) -> dict:
         return dict(seed=self.opts.seed, dtype=self.opts.torch_dtype, device=self.device,
@@ -114,6 +116,8 @@ class Writer:
             if kind == "result":
                 self.write(*payload)
             else:
+                front, admitted_upto = payload
+                self.ctx.control.front_done(front, admitted_upto)
                 self.fronts_left -= 1
             got = True
         return got
@@ -126,7 +130,7 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     opts, f = ctx.opts, ctx.role.front
     front: FrontModel = build_front(ctx.cfg, **ctx.weights_kw())
     reader = InputReader(ctx.prep.spec)
-    mine = ctx.plan.per_front[f]
+    mine = list(ctx.plan.per_front[f].items())   # [(step, sequences)]
     world = ctx.comms.world
     sends: list = []
     active: deque[MicroBatch] = deque()
@@ -157,16 +161,21 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     def pending() -> list[str]:
         return [p for mb in active for p in mb.exchange.pending()]
 
-    next_step = 0
+    next_step, admitted_upto, control = 0, 0, ctx.control
     with torch.inference_mode():
-        while next_step < len(mine) or active:
+        while True:
+            control.poll(admitted_upto)
+            upcoming = mine[next_step][0] if next_step < len(mine) else None
+            if not active and (upcoming is None or control.finished_early(upcoming)):
+                break
             progressed = False
-            while len(active) < opts.in_flight and next_step < len(mine):
-                seqs = mine[next_step]
-                with ctx.rec.span(f"read mb{next_step}", "io"):
+            while (len(active) < opts.in_flight and next_step < len(mine)
+                   and control.may_admit(mine[next_step][0])):
+                step, seqs = mine[next_step]
+                with ctx.rec.span(f"read mb{step}", "io"):
                     batch = make_batch(reader, seqs, ctx.device)
-                mb = MicroBatch(next_step, seqs, batch, front.forward_steps(batch), time.perf_counter())
-                next_step += 1
+                mb = MicroBatch(step, seqs, batch, front.forward_steps(batch), time.perf_counter())
+                next_step, admitted_upto = next_step + 1, step + 1
                 if not advance(mb, None):
                     active.append(mb)
                 progressed = True
@@ -183,11 +192,13 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
                 waiter.idle(pending)
     reader.close()
     if writer is None:
-        sends.append(world.isend(("done", f), dest=0, tag=RESULT_TAG))
+        sends.append(world.isend(("done", (f, admitted_upto)), dest=0, tag=RESULT_TAG))
         while not MPI.Request.Testall(sends):
             waiter.idle(lambda: ["rank 0 (the writer) to take this front's results"])
     else:
+        control.front_done(0, admitted_upto)
         while writer.fronts_left > 0:
+            control.poll(admitted_upto)
             if writer.poll():
                 waiter.progressed()
             else:
@@ -197,7 +208,7 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
 def run_expert(ctx: Context) -> None:
     role, plan, lengths = ctx.role, ctx.plan, ctx.prep.spec.lengths
     mlp = build_expert(ctx.cfg, role.layer, role.expert, **ctx.weights_kw())
-    n_steps, depth = plan.n_steps, max(2, ctx.opts.in_flight)
+    steps, depth = plan.steps, max(2, ctx.opts.in_flight)
     receives: dict = {}
     replies: deque = deque()
     waiter = Waiter(ctx)
@@ -209,14 +220,15 @@ def run_expert(ctx: Context) -> None:
 
     ctx.comms.world.Barrier()
     ctx.rec.restart()
-    for step in range(min(depth, n_steps)):
+    for step in steps[:depth]:
         post(step)
     with torch.inference_mode():
-        for step in range(n_steps):
-            recv = receives[step]
+        for i, step in enumerate(steps):
+            recv = receives.pop(step)
             while not recv.test():
                 while replies and replies[0].test():
                     replies.popleft()
+                ctx.control.poll()
                 waiter.idle(lambda: recv.pending() + [p for r in replies for p in r.pending()])
             waiter.progressed()
             rows = recv.rows()
@@ -228,8 +240,8 @@ def run_expert(ctx: Context) -> None:
             ctx.rec.rows_in += sum(counts)
             with ctx.rec.span(f"reply step {step}", "send", step=step):
                 replies.append(ctx.transport.reply(role.layer, step, recv.senders, ys))
-            if step + depth < n_steps:
-                post(step + depth)
+            if i + depth < len(steps):
+                post(steps[i + depth])
             while replies and replies[0].test():
                 replies.popleft()
     while replies:

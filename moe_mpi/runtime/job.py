@@ -60,11 +60,27 @@ def checkpoint(opts: ScoreOptions) -> Checkpoint | None:
     return Checkpoint(opts.model) if opts.model else None
 
 
+class Interrupted(RuntimeError):
+    """Stopped by a signal after saving every finished sequence."""
+
+    @staticmethod
+    def message(signal_name: str, done: int, total: int, output: str) -> str:
+        return (f"interrupted by {signal_name}: {done} of {total} sequences are done and saved in "
+                f"{output}.partial; run the same command with --resume to finish")
+
+
 @dataclass(frozen=True)
 class Prepared:
-    """What the checks found: the input's shape and the sequences still to compute."""
+    """What the checks found: the input's shape and which sequences are already done (resume)."""
     spec: InputSpec
-    todo: np.ndarray          # sequence indices not yet done, increasing
+    done: np.ndarray          # (N,) bool
+
+    def plan(self, n_fronts: int, max_tokens: int):
+        from ..parallel.partition import make_plan
+        return make_plan(self.spec.lengths, n_fronts, max_tokens, self.done)
+
+    def tokens_in(self, plan) -> int:
+        return int(sum(self.spec.lengths[seqs].sum() for mbs in plan.per_front for seqs in mbs.values()))
 
 
 def prepare(opts: ScoreOptions, cfg: ModelConfig) -> tuple[Prepared, OutputFile]:
@@ -81,8 +97,7 @@ def prepare(opts: ScoreOptions, cfg: ModelConfig) -> tuple[Prepared, OutputFile]
         out = OutputFile.reopen(opts.output, cfg, spec, opts.output_options())
     else:
         out = OutputFile.create(opts.output, cfg, spec, opts.output_options())
-    todo = np.flatnonzero(~out.done_mask()).astype(np.int64)
-    return Prepared(spec, todo), out
+    return Prepared(spec, out.done_mask()), out
 
 
 def verify_checkpoint(ck: Checkpoint, cfg: ModelConfig) -> None:

@@ -18,7 +18,8 @@ import torch
 from ..io.inputs import InputError
 from ..io.outputs import OutputError
 from ..model.weights import WeightError
-from .job import ScoreOptions, load_config, prepare, run_attributes
+from .interrupt import EXIT_INTERRUPTED, Interrupt
+from .job import Interrupted, ScoreOptions, load_config, prepare, run_attributes
 
 log = logging.getLogger("moe_mpi")
 USER_ERRORS = (InputError, OutputError, WeightError, ValueError)
@@ -40,10 +41,18 @@ def error(msg: str) -> None:
 def launch(opts: ScoreOptions) -> int:
     MPI = _mpi()
     world = MPI.COMM_WORLD
+    with Interrupt() as interrupt:
+        return _launch(opts, world, interrupt)
+
+
+def _launch(opts: ScoreOptions, world, interrupt: Interrupt) -> int:
     if world.Get_size() == 1:
         from .single import score_single
         try:
-            attrs = score_single(opts, mpi_library_version())
+            attrs = score_single(opts, mpi_library_version(), interrupt)
+        except Interrupted as exc:
+            error(str(exc))
+            return EXIT_INTERRUPTED
         except USER_ERRORS as exc:
             error(str(exc))
             return 2
@@ -55,7 +64,7 @@ def launch(opts: ScoreOptions) -> int:
         summarize(opts, attrs)
         return 0
     try:
-        return _distributed(opts, world)
+        return _distributed(opts, world, interrupt)
     except Exception as exc:  # noqa: BLE001 - any failure must end the whole job, loudly, at once
         who = getattr(exc, "rank_role", None) or f"rank {world.Get_rank()}"
         print(f"moe-mpi: {who} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -65,11 +74,11 @@ def launch(opts: ScoreOptions) -> int:
         return 1
 
 
-def _distributed(opts: ScoreOptions, comm_world) -> int:
+def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
     from ..parallel.exchange import make_transport
-    from ..parallel.partition import make_plan
     from ..parallel.topology import Communicators, check_world_size
     from .distributed import Context, Writer, run_expert, run_front, set_threads
+    from .interrupt import StopControl
     from .metrics import Recorder, aggregate, format_table, write_trace
 
     rank = comm_world.Get_rank()
@@ -97,17 +106,18 @@ def _distributed(opts: ScoreOptions, comm_world) -> int:
         role = layout.role(rank)
         set_threads(comms.world)
         device = torch.device(opts.device)
-        plan = make_plan(prep.spec.lengths, prep.todo, layout.n_fronts, opts.micro_batch_tokens)
+        plan = prep.plan(layout.n_fronts, opts.micro_batch_tokens)
         label = f"front {role.front}" if role.kind == "front" else f"expert L{role.layer} E{role.expert}"
         rec = Recorder(rank, label, tracing=bool(opts.trace))
         transport = make_transport(opts.transport, comms.layers, layout.n_fronts, cfg.hidden_size,
                                    opts.torch_dtype, device)
-        ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device)
-        n_tokens = int(prep.spec.lengths[prep.todo].sum())
+        control = StopControl(comms.world, layout.n_fronts, interrupt, is_front=role.kind == "front")
+        ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device, control)
+        n_tokens = prep.tokens_in(plan)
         if rank == 0:
-            log.info("scoring %d sequences (%d tokens) of %s on %d ranks: %d fronts + %d x %d experts, "
-                     "%d micro-batch steps", len(prep.todo), n_tokens, opts.input, layout.world_size,
-                     layout.n_fronts, layout.n_moe_layers, layout.n_experts, plan.n_steps)
+            log.info("scoring %d tokens of %s on %d ranks: %d fronts + %d x %d experts, %d micro-batch steps",
+                     n_tokens, opts.input, layout.world_size, layout.n_fronts, layout.n_moe_layers,
+                     layout.n_experts, len(plan.steps))
         try:
             writer = Writer(ctx, out, n_tokens) if rank == 0 else None
             if role.kind == "front":
@@ -117,6 +127,12 @@ def _distributed(opts: ScoreOptions, comm_world) -> int:
         except Exception as exc:
             exc.rank_role = role.describe(cfg)
             raise
+        if rank == 0 and control.stopping and not out.done.all():
+            writer.close()
+            done = int(out.done.sum())
+            out.close()
+            error(Interrupted.message(control.signal_name, done, prep.spec.n_seqs, opts.output))
+            comm_world.Abort(EXIT_INTERRUPTED)  # the experts still wait for steps that will not come
         elapsed = time.perf_counter() - rec.t0
         summaries = comms.world.gather(rec.summary(), root=0)
         events = comms.world.gather(rec.events, root=0) if opts.trace else None

@@ -5,20 +5,18 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..model.transformer import LocalExperts, drive
 from ..model.weights import build_all_experts, build_front
 from ..io.inputs import InputReader
-from ..parallel.partition import make_plan
-from .job import ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results
+from .job import Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results
 
 log = logging.getLogger("moe_mpi")
 
 
-def score_single(opts: ScoreOptions, mpi_version: str = "none") -> dict:
+def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) -> dict:
     cfg = load_config(opts)
     prep, out = prepare(opts, cfg)
     try:
@@ -26,15 +24,18 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none") -> dict:
         kw = dict(seed=opts.seed, dtype=opts.torch_dtype, device=device, checkpoint=checkpoint(opts))
         front = build_front(cfg, **kw)
         experts = LocalExperts(build_all_experts(cfg, **kw))
-        plan = make_plan(prep.spec.lengths, prep.todo, 1, opts.micro_batch_tokens)
+        plan = prep.plan(1, opts.micro_batch_tokens)
         reader = InputReader(prep.spec)
-        n_tokens = int(prep.spec.lengths[prep.todo].sum())
-        log.info("scoring %d sequences (%d tokens) of %s in one process, %d micro-batches",
-                 len(prep.todo), n_tokens, opts.input, plan.n_steps)
+        n_tokens = prep.tokens_in(plan)
+        log.info("scoring %d tokens of %s in one process, %d micro-batches", n_tokens, opts.input,
+                 len(plan.steps))
         t0 = time.perf_counter()
         with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", disable=not opts.progress,
                                           desc="score", leave=False) as bar:
-            for seqs in plan.per_front[0]:
+            for seqs in plan.per_front[0].values():
+                if interrupt is not None and interrupt.signum:
+                    raise Interrupted(Interrupted.message(interrupt.name, int(out.done.sum()),
+                                                          prep.spec.n_seqs, opts.output))
                 batch = make_batch(reader, seqs, device)
                 res = drive(front.forward_steps(batch), experts)
                 results = seq_results(front, batch, seqs, res, save_hidden=opts.save_hidden,
