@@ -17,7 +17,19 @@ MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
 LAUNCH_TIMEOUT = float(os.environ.get("MOE_MPI_TEST_TIMEOUT", "240"))
 
 
-def _env() -> dict:
+def _launcher_args() -> list[str]:
+    """MPICH's hydra kills every rank the moment one dies, before our watchdog can name it; with
+    -disable-auto-cleanup the survivors see it and abort the job themselves, with a message."""
+    if MPIEXEC is None:
+        return []
+    version = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
+    return ["-disable-auto-cleanup"] if "HYDRA" in version else []
+
+
+MPIEXEC_ARGS = _launcher_args()
+
+
+def env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -27,10 +39,14 @@ def _env() -> dict:
 def cli(*args, timeout: float = LAUNCH_TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
     """`moe-mpi ARGS` in a fresh process (one rank, no mpiexec)."""
     proc = subprocess.run([sys.executable, "-m", "moe_mpi", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=REPO)
+                          timeout=timeout, env=env(), cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"moe-mpi {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def mpi_command(n: int, *args) -> list[str]:
+    return [MPIEXEC, *MPIEXEC_ARGS, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "moe_mpi", *map(str, args)]
 
 
 def mpirun(n: int, *args, timeout: float = LAUNCH_TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
@@ -38,9 +54,9 @@ def mpirun(n: int, *args, timeout: float = LAUNCH_TIMEOUT, check: bool = False) 
     `python -m mpi4py` aborts the whole job when any rank dies with an unhandled exception."""
     if MPIEXEC is None:
         pytest.skip("mpiexec not found")
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "moe_mpi", *map(str, args)]
+    cmd = mpi_command(n, *args)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"mpiexec -n {n} timed out after {timeout} s (deadlock?): {' '.join(cmd)}\n"
                              f"{(exc.stderr or b'')[-3000:]!r}") from None

@@ -12,22 +12,88 @@ dispatch sizes its buffer from the plan (a front sends an expert at most one row
 row count is read from the message status.  Tags are the step; each MoE layer has its own
 communicator, so (communicator, step) names a (layer, micro-batch).  Every request is kept with its
 buffer until it completes.
+
+Transports (``make_transport`` picks one; the loops do not care which):
+
+* ``mpi``: MPI on the tensors' own memory: host memory on CPU runs, device memory on GPU runs when the
+  MPI library is CUDA-aware;
+* ``mpi-staged``: GPU runs over an MPI that is not CUDA-aware: rows go through pinned host buffers in
+  chunks, each chunk's device->host copy (on its own stream) overlapping the previous chunk's transfer;
+* ``nccl`` (``nccl.py``): NCCL point-to-point between GPUs, with MPI carrying the row counts.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-TAG_MOD = 32768  # MPI guarantees tags up to 32767; in-flight steps are far fewer, so wrapping is safe
+# MPI guarantees tags up to 32767.  Data messages are tagged step % TAG_MOD (in-flight steps are far
+# fewer, so wrapping is safe); the two tags above that carry the NCCL transport's row counts and go-aheads.
+TAG_MOD = 32766
+CONTROL_TAG = 32766
+GO_TAG = 32767
+log = logging.getLogger("moe_mpi")
+
+
+class PeerFailure(RuntimeError):
+    """An MPI request failed: the peer died (its process is gone) or the network failed."""
+
+    @classmethod
+    def of(cls, exc: Exception, peers: list[str]) -> "PeerFailure":
+        what = exc.Get_error_string() if hasattr(exc, "Get_error_string") else str(exc)
+        return cls(f"communication failed ({what.strip()}) while waiting on: {'; '.join(peers[:6])}; "
+                   "a peer rank probably died")
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor's storage as a writable uint8 array (no copy)."""
     assert t.is_contiguous() and t.device.type == "cpu"
     return t.view(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+
+
+def mpi_buffer(t: torch.Tensor):
+    """A contiguous tensor's bytes as an MPI buffer: a numpy view of host memory, or the device tensor
+    itself (read through DLPack by a CUDA-aware MPI)."""
+    if t.device.type == "cpu" or t.numel() == 0:
+        return as_bytes(t.cpu())
+    assert t.is_contiguous()
+    return t.view(-1).view(torch.uint8)
+
+
+def test_requests(reqs: list, what: list[str]) -> bool:
+    """Testall that turns an MPI failure into a PeerFailure naming the peers."""
+    if not reqs:
+        return True
+    try:
+        return MPI.Request.Testall(reqs)
+    except MPI.Exception as exc:
+        raise PeerFailure.of(exc, what) from None
+
+
+def mpi_cuda_aware() -> bool:
+    """Whether this MPI library takes device pointers.  MOE_MPI_CUDA_AWARE=0/1 overrides the answer of
+    ``MPIX_Query_cuda_support`` (Open MPI, MPICH), looked up in the libmpi this process loaded."""
+    forced = os.environ.get("MOE_MPI_CUDA_AWARE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = {line.split()[-1] for line in fh if "libmpi" in line and ".so" in line}
+    except OSError:
+        return False
+    for path in sorted(libs):
+        try:
+            query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        except OSError:
+            continue
+        if query is not None:
+            return bool(query())
+    return False
 
 
 @dataclass
@@ -43,7 +109,15 @@ class Requests:
         self.peers.append(peer)
 
     def test(self) -> bool:
-        return MPI.Request.Testall(self.reqs) if self.reqs else True
+        if not self.reqs:
+            return True
+        peers = self.pending()
+        statuses = [MPI.Status() for _ in self.reqs]
+        try:
+            return MPI.Request.Testall(self.reqs, statuses)
+        except MPI.Exception as exc:
+            failed = [p for p, st in zip(self.peers, statuses) if st.Get_error() != MPI.SUCCESS]
+            raise PeerFailure.of(exc, failed or peers) from None
 
     def pending(self) -> list[str]:
         return [p for r, p in zip(self.reqs, self.peers) if r != MPI.REQUEST_NULL]
@@ -74,7 +148,11 @@ class ExpertReceive:
         done = True
         for i, req in enumerate(self.reqs):
             if req != MPI.REQUEST_NULL:
-                if req.Test(self.statuses[i]):
+                try:
+                    finished = req.Test(self.statuses[i])
+                except MPI.Exception as exc:
+                    raise PeerFailure.of(exc, [self.peers[i]]) from None
+                if finished:
                     self.reqs[i] = MPI.REQUEST_NULL
                 else:
                     done = False
@@ -90,30 +168,42 @@ class ExpertReceive:
 
 
 class MPITransport:
-    """Host-memory transport over the per-layer communicators.  Tensors on a GPU are staged through
-    host memory (this MPI need not be CUDA-aware)."""
+    """MPI on the tensors' own memory over the per-layer communicators: host memory, or device memory
+    when ``device_buffers`` (a CUDA-aware MPI).  Device buffers are complete when Isend is posted (the
+    compute stream is synchronised first: MPI knows no streams).  Without ``device_buffers`` GPU
+    tensors are copied whole to host memory, unpinned and unpipelined: ``StagedTransport`` does that well."""
 
     name = "mpi"
 
     def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), device_buffers: bool = False):
         self.comms, self.n_fronts, self.hidden, self.dtype = layer_comms, n_fronts, hidden, dtype
         self.device = device
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
+        self.buffer_device = device if device_buffers else torch.device("cpu")
+
+    def _ready(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor in the memory MPI reads, contiguous and finished computing."""
+        t = t.contiguous()
+        if self.buffer_device.type == "cuda":
+            torch.cuda.current_stream(t.device).synchronize()
+            return t
+        return t.cpu()
 
     # --- front side ---
     def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> FrontExchange:
         comm, tag = self.comms[layer], step % TAG_MOD
-        x_ND = x_ND.contiguous().cpu()
+        x_ND = self._ready(x_ND)
         y_ND = torch.empty_like(x_ND)
         reqs = Requests()
         for e in range(len(offsets) - 1):
             lo, hi = offsets[e], offsets[e + 1]
             dest = self.n_fronts + e
-            peer = f"expert {e} of MoE layer {layer} (micro-batch step {step})"
-            recv_buf = as_bytes(y_ND[lo:hi])
+            world_rank = self.n_fronts + layer * (len(offsets) - 1) + e
+            peer = f"rank {world_rank} (expert {e} of MoE layer {layer}), micro-batch step {step}"
+            recv_buf = mpi_buffer(y_ND[lo:hi])
             reqs.add(comm.Irecv([recv_buf, MPI.BYTE], source=dest, tag=tag), recv_buf, "reply from " + peer)
-            send_buf = as_bytes(x_ND[lo:hi])
+            send_buf = mpi_buffer(x_ND[lo:hi])
             reqs.add(comm.Isend([send_buf, MPI.BYTE], dest=dest, tag=tag), send_buf, "send to " + peer)
         reqs.bufs.append(x_ND)
         return FrontExchange(y_ND, reqs, self.device)
@@ -123,25 +213,309 @@ class MPITransport:
         comm, tag = self.comms[layer], step % TAG_MOD
         bufs, reqs, statuses, peers = [], [], [], []
         for front, cap in zip(senders, capacities):
-            buf = torch.empty(cap, self.hidden, dtype=self.dtype)
-            reqs.append(comm.Irecv([as_bytes(buf), MPI.BYTE], source=front, tag=tag))
+            buf = torch.empty(cap, self.hidden, dtype=self.dtype, device=self.buffer_device)
+            reqs.append(comm.Irecv([mpi_buffer(buf), MPI.BYTE], source=front, tag=tag))
             bufs.append(buf)
             statuses.append(MPI.Status())
-            peers.append(f"front {front} (micro-batch step {step})")
+            peers.append(f"rank {front} (front {front}), micro-batch step {step}")
         return ExpertReceive(bufs, reqs, statuses, senders, self.row_bytes, peers, self.device)
 
     def reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> Requests:
         comm, tag = self.comms[layer], step % TAG_MOD
         reqs = Requests()
         for front, y in zip(senders, ys):
-            buf = as_bytes(y.contiguous().cpu())
+            buf = mpi_buffer(self._ready(y))
             reqs.add(comm.Isend([buf, MPI.BYTE], dest=front, tag=tag), buf, f"reply to front {front}")
         return reqs
 
 
+# --- transports built from one operation per message (staged and NCCL) ---
+
+class Op:
+    """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
+    message is sent, or received and its device copy enqueued; ``what`` names the peer for reports."""
+    what: str = ""
+    done: bool = False
+
+    def progress(self) -> bool:
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Make the current stream (the host, for CPU tensors) wait until the received rows are in
+        place (receives only)."""
+
+    @property
+    def rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OpExchange:
+    """A front's dispatch: sends and reply receives; ``result()`` is the (N, D) answers on the device."""
+
+    def __init__(self, transport: "OpTransport", ops: list[Op], recvs: list[Op], y_ND: torch.Tensor):
+        self.transport, self.ops, self.recvs, self.y_ND = transport, ops, recvs, y_ND
+
+    def test(self) -> bool:
+        self.transport.progress()
+        return all(op.done for op in self.ops)
+
+    def result(self) -> torch.Tensor:
+        for op in self.recvs:
+            op.wait()
+        return self.y_ND
+
+    def pending(self) -> list[str]:
+        return [op.what for op in self.ops if not op.done]
+
+
+class OpReceive:
+    """An expert's receives for one step, one per sending front."""
+
+    def __init__(self, transport: "OpTransport", ops: list[Op], senders: list[int]):
+        self.transport, self.ops, self.senders = transport, ops, senders
+
+    def test(self) -> bool:
+        self.transport.progress()
+        return all(op.done for op in self.ops)
+
+    def rows(self) -> list[torch.Tensor]:
+        for op in self.ops:
+            op.wait()
+        return [op.rows for op in self.ops]
+
+    def pending(self) -> list[str]:
+        return [op.what for op in self.ops if not op.done]
+
+
+class OpSends:
+    def __init__(self, transport: "OpTransport", ops: list[Op]):
+        self.transport, self.ops = transport, ops
+
+    def test(self) -> bool:
+        self.transport.progress()
+        return all(op.done for op in self.ops)
+
+    def pending(self) -> list[str]:
+        return [op.what for op in self.ops if not op.done]
+
+
+class OpTransport:
+    """The exchange as messages, each through the channel ``channel(comm, peer)`` picks.  Every live
+    message is progressed whenever any handle is tested, so a message moves on while the loop waits
+    on another one."""
+
+    name = "ops"
+
+    def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        self.comms, self.n_fronts, self.hidden, self.dtype = layer_comms, n_fronts, hidden, dtype
+        self.device = device
+        self.live: list[Op] = []
+
+    def channel(self, comm, peer: int):
+        raise NotImplementedError
+
+    def progress(self) -> None:
+        still = []
+        for op in self.live:
+            if not op.done:
+                op.done = op.progress()
+            if not op.done:
+                still.append(op)
+        self.live = still
+
+    def _start(self, op: Op) -> Op:
+        op.done = op.progress()
+        if not op.done:
+            self.live.append(op)
+        return op
+
+    # --- front side ---
+    def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> OpExchange:
+        comm, n_experts = self.comms[layer], len(offsets) - 1
+        x_ND = x_ND.contiguous()
+        y_ND = torch.empty_like(x_ND)
+        ops, recvs = [], []
+        for e in range(n_experts):
+            lo, hi = offsets[e], offsets[e + 1]
+            dest = self.n_fronts + e
+            peer = (f"rank {self.n_fronts + layer * n_experts + e} (expert {e} of MoE layer {layer}), "
+                    f"micro-batch step {step}")
+            ch = self.channel(comm, dest)
+            recvs.append(self._start(ch.recv(comm, dest, step, out=y_ND[lo:hi], what="reply from " + peer)))
+            ops.append(self._start(ch.send(comm, dest, step, x_ND[lo:hi], sized=True, what="send to " + peer)))
+        return OpExchange(self, ops + recvs, recvs, y_ND)
+
+    # --- expert side ---
+    def expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
+        comm = self.comms[layer]
+        ops = [self._start(self.channel(comm, front).recv(
+                   comm, front, step, cap=cap, what=f"rank {front} (front {front}), micro-batch step {step}"))
+               for front, cap in zip(senders, capacities)]
+        return OpReceive(self, ops, senders)
+
+    def reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
+        comm = self.comms[layer]
+        ops = [self._start(self.channel(comm, front).send(
+                   comm, front, step, y.contiguous(), sized=False, what=f"reply to front {front} (step {step})"))
+               for front, y in zip(senders, ys)]
+        return OpSends(self, ops)
+
+
+class StagedChannel:
+    """Device rows through pinned host memory, in chunks of whole rows.
+
+    Sending: the device->host copies of all chunks are enqueued at once on a copy stream (after the
+    compute stream's work), and each chunk's Isend is posted as soon as its copy is done, so copies
+    overlap transfers.  Receiving: each chunk's host->device copy is enqueued on another copy stream as
+    soon as it arrives.  A message whose size the receiver does not know starts with a one-word
+    header (its row count); chunks follow in order on the same tag (MPI keeps their order).
+    """
+
+    def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int | None = None):
+        if device.type != "cuda":
+            raise ValueError("the staged transport moves GPU tensors: it needs --device cuda")
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
+        chunk_bytes = chunk_bytes or int(float(os.environ.get("MOE_MPI_STAGE_CHUNK_MB", "4")) * 2**20)
+        self.rows_per_chunk = max(1, chunk_bytes // row_bytes)
+        self.d2h = torch.cuda.Stream(device)
+        self.h2d = torch.cuda.Stream(device)
+
+    def chunks(self, rows: int) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self.rows_per_chunk, rows)) for lo in range(0, rows, self.rows_per_chunk)]
+
+    def send(self, comm, peer: int, step: int, x: torch.Tensor, *, sized: bool, what: str) -> Op:
+        return StagedSend(self, comm, peer, step % TAG_MOD, x, sized, what)
+
+    def recv(self, comm, peer: int, step: int, *, out: torch.Tensor | None = None, cap: int | None = None,
+             what: str) -> Op:
+        return StagedRecv(self, comm, peer, step % TAG_MOD, out, cap, what)
+
+
+class StagedSend(Op):
+    def __init__(self, ch: StagedChannel, comm, dest: int, tag: int, x: torch.Tensor, sized: bool, what: str):
+        self.comm, self.dest, self.tag, self.what = comm, dest, tag, what
+        self.reqs, self.keep = [], []
+        if sized:
+            header = np.array([x.shape[0]], dtype=np.int64)
+            self.reqs.append(comm.Isend([header, MPI.INT64_T], dest=dest, tag=tag))
+            self.keep.append(header)
+        self.chunks = ch.chunks(x.shape[0])
+        self.events, self.next = [], 0
+        if self.chunks:
+            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(ch.d2h):
+                ch.d2h.wait_event(ready)
+                for lo, hi in self.chunks:
+                    self.host[lo:hi].copy_(x[lo:hi], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(ch.d2h)
+                    self.events.append(ev)
+            x.record_stream(ch.d2h)
+
+    def progress(self) -> bool:
+        while self.next < len(self.chunks) and self.events[self.next].query():
+            lo, hi = self.chunks[self.next]
+            buf = as_bytes(self.host[lo:hi])
+            self.reqs.append(self.comm.Isend([buf, MPI.BYTE], dest=self.dest, tag=self.tag))
+            self.keep.append(buf)
+            self.next += 1
+        return self.next == len(self.chunks) and test_requests(self.reqs, [self.what])
+
+
+class StagedRecv(Op):
+    def __init__(self, ch: StagedChannel, comm, source: int, tag: int, out: torch.Tensor | None,
+                 cap: int | None, what: str):
+        self.ch, self.comm, self.source, self.tag, self.cap, self.what = ch, comm, source, tag, cap, what
+        self.out, self.header, self.reqs, self.final = out, None, [], None
+        if out is None:
+            self.header = np.zeros(1, dtype=np.int64)
+            self.header_req = comm.Irecv([self.header, MPI.INT64_T], source=source, tag=tag)
+        else:
+            self._post(out)
+
+    def _post(self, out: torch.Tensor) -> None:
+        self.out = out
+        self.chunks = self.ch.chunks(out.shape[0])
+        self.copied = [False] * len(self.chunks)
+        if self.chunks:
+            self.host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.reqs = [self.comm.Irecv([as_bytes(self.host[lo:hi]), MPI.BYTE], source=self.source, tag=self.tag)
+                         for lo, hi in self.chunks]
+            out.record_stream(self.ch.h2d)
+
+    def progress(self) -> bool:
+        if self.out is None:
+            if not test_requests([self.header_req], [self.what]):
+                return False
+            rows = int(self.header[0])
+            if self.cap is not None and rows > self.cap:
+                raise RuntimeError(f"{self.what}: {rows} rows announced, at most {self.cap} expected")
+            self._post(torch.empty(rows, self.ch.hidden, dtype=self.ch.dtype, device=self.ch.device))
+        for k, req in enumerate(self.reqs):
+            if not self.copied[k] and test_requests([req], [self.what]):
+                lo, hi = self.chunks[k]
+                with torch.cuda.stream(self.ch.h2d):
+                    self.out[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
+                self.copied[k] = True
+        if not all(self.copied):
+            return False
+        self.final = torch.cuda.Event()
+        self.final.record(self.ch.h2d)
+        return True
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.out.device).wait_event(self.final)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.out
+
+
+class StagedTransport(OpTransport):
+    """GPU rows over an MPI that is not CUDA-aware: pinned host staging, chunked and pipelined."""
+
+    name = "mpi-staged"
+
+    def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(layer_comms, n_fronts, hidden, dtype, device)
+        self.staged = StagedChannel(hidden, dtype, device)
+
+    def channel(self, comm, peer: int) -> StagedChannel:
+        return self.staged
+
+
+TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
+
+
 def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype,
-                   device: torch.device):
-    """The transport for this run: ``auto`` picks the fastest one that works here."""
-    if name in ("auto", "mpi", "mpi-staged"):
+                   device: torch.device, world=None):
+    """The transport for this run.  On CPU every name but ``nccl`` is MPI on host memory.  On GPUs
+    ``auto`` takes MPI on device memory where the MPI library is CUDA-aware, else NCCL (bootstrapped
+    from ``world``, which every rank must pass), else pinned host staging."""
+    device = torch.device(device)
+    if name not in TRANSPORTS:
+        raise ValueError(f"--transport {name!r} is not one of {', '.join(TRANSPORTS)}")
+    if device.type != "cuda":
+        if name == "nccl":
+            raise ValueError("--transport nccl moves GPU tensors: it needs --device cuda")
         return MPITransport(layer_comms, n_fronts, hidden, dtype, device)
-    raise ValueError(f"--transport {name} is not available in this build")
+    cuda_aware = mpi_cuda_aware()
+    if name == "auto":
+        import torch.distributed as dist
+        name = "mpi" if cuda_aware else ("nccl" if world is not None and dist.is_nccl_available() else "mpi-staged")
+        log.info("transport: %s (MPI library %s CUDA-aware)", name, "is" if cuda_aware else "is not")
+    if name == "mpi":
+        if not cuda_aware:
+            raise ValueError(f"--transport mpi on GPUs needs a CUDA-aware MPI, and "
+                             f"{MPI.Get_library_version().splitlines()[0].strip()} is not one "
+                             "(set MOE_MPI_CUDA_AWARE=1 if it is); use --transport nccl or mpi-staged")
+        return MPITransport(layer_comms, n_fronts, hidden, dtype, device, device_buffers=True)
+    if name == "mpi-staged":
+        return StagedTransport(layer_comms, n_fronts, hidden, dtype, device)
+    if world is None:
+        raise ValueError("--transport nccl needs the world communicator to bootstrap NCCL")
+    from .nccl import NCCLTransport
+    return NCCLTransport(layer_comms, n_fronts, hidden, dtype, device, world)

@@ -66,10 +66,15 @@ class Context:
 
 
 class Waiter:
-    """Back-off plus deadline for a loop that polls requests."""
+    """Back-off plus deadline for a loop that polls requests.
+
+    Experts give up later than fronts: when an expert hangs, the fronts waiting on it report it by
+    name before the other experts (which then merely wait on the stalled fronts) time out.
+    """
 
     def __init__(self, ctx: Context):
         self.ctx, self.backoff, self.last = ctx, Backoff(), time.monotonic()
+        self.deadline = ctx.opts.deadline * (1.0 if ctx.role.kind == "front" else 1.5)
 
     def progressed(self) -> None:
         self.backoff.reset()
@@ -77,10 +82,10 @@ class Waiter:
 
     def idle(self, pending) -> None:
         start = time.perf_counter()
-        if time.monotonic() - self.last > self.ctx.opts.deadline:
+        if time.monotonic() - self.last > self.deadline:
             waiting = "; ".join(pending()[:8]) or "nothing (internal error)"
             raise DeadlineError(f"{self.ctx.role.describe(self.ctx.cfg)} waited more than "
-                                f"{self.ctx.opts.deadline:g} s for: {waiting}")
+                                f"{self.deadline:g} s for: {waiting}")
         self.backoff.pause()
         self.ctx.rec.add_wait(start, time.perf_counter())
 
@@ -134,9 +139,9 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     world = ctx.comms.world
     sends: list = []
     active: deque[MicroBatch] = deque()
-    waiter = Waiter(ctx)
     ctx.comms.world.Barrier()
     ctx.rec.restart()
+    waiter = Waiter(ctx)  # the deadline counts from here, not from start-up
 
     def advance(mb: MicroBatch, y) -> bool:
         """Compute until the micro-batch's next MoE layer (posting its exchange) or its end."""
@@ -211,7 +216,6 @@ def run_expert(ctx: Context) -> None:
     steps, depth = plan.steps, max(2, ctx.opts.in_flight)
     receives: dict = {}
     replies: deque = deque()
-    waiter = Waiter(ctx)
 
     def post(step: int) -> None:
         senders = plan.senders(step)
@@ -220,8 +224,11 @@ def run_expert(ctx: Context) -> None:
 
     ctx.comms.world.Barrier()
     ctx.rec.restart()
+    waiter = Waiter(ctx)
     for step in steps[:depth]:
         post(step)
+    # Fault injection for the reliability tests: this rank raises at its third step.
+    fault = os.environ.get("MOE_MPI_INJECT_FAULT_RANK") == str(role.rank)
     with torch.inference_mode():
         for i, step in enumerate(steps):
             recv = receives.pop(step)
@@ -231,6 +238,8 @@ def run_expert(ctx: Context) -> None:
                 ctx.control.poll()
                 waiter.idle(lambda: recv.pending() + [p for r in replies for p in r.pending()])
             waiter.progressed()
+            if fault and i == 2:
+                raise RuntimeError("injected fault (MOE_MPI_INJECT_FAULT_RANK)")
             rows = recv.rows()
             counts = [r.shape[0] for r in rows]
             with ctx.rec.span(f"expert step {step}", "compute", step=step, rows=sum(counts)):

@@ -79,6 +79,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
     from ..parallel.topology import Communicators, check_world_size
     from .distributed import Context, Writer, run_expert, run_front, set_threads
     from .interrupt import StopControl
+    from .watchdog import PeerWatch
     from .metrics import Recorder, aggregate, format_table, write_trace
 
     rank = comm_world.Get_rank()
@@ -102,6 +103,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
     cfg = load_config(opts)
     layout = check_world_size(cfg, comm_world.Get_size(), opts.front_ranks)
     comms = Communicators.create(comm_world, layout)
+    watch = PeerWatch(comms.world, lambda r: layout.role(r).describe(cfg)).start()
     try:
         role = layout.role(rank)
         set_threads(comms.world)
@@ -146,6 +148,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
                 write_trace(opts.trace, summaries, events)
             log.info("per-rank time (s):\n%s", format_table(summaries))
             summarize(opts, attrs)
+        watch.stop()
         comms.world.Barrier()
     finally:
         comms.free()
