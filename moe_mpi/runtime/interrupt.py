@@ -14,9 +14,12 @@ Rank 0 then leaves a ``.partial`` whose done sequences are complete and ends the
 """
 from __future__ import annotations
 
+import logging
 import signal
 
 from mpi4py import MPI
+
+log = logging.getLogger("moe_mpi")
 
 STOP_TAG = 9
 EXIT_INTERRUPTED = 3
@@ -108,6 +111,7 @@ class StopControl:
             self._admitted.setdefault(0, admitted_upto)
             if len(self._admitted) == self.n_fronts:
                 self.stop_at = max(self._admitted.values())
+                log.info("fronts stop before micro-batch step %d", self.stop_at)
                 for f in range(1, self.n_fronts):
                     if f not in self._finished:
                         self._send(f, ("stop_at", self.stop_at))
@@ -116,6 +120,7 @@ class StopControl:
         if self.stopping:
             return
         self.stopping, self.signal_name = True, name
+        log.warning("%s received: finishing the micro-batches in flight, then saving and stopping", name)
         for f in range(1, self.n_fronts):
             if f not in self._finished:
                 self._send(f, ("stop", name))
