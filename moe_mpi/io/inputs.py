@@ -77,6 +77,16 @@ def _read(path: str, name: str, ds: h5py.Dataset, sel) -> np.ndarray:
 def validate_input(path: str, cfg: ModelConfig) -> InputSpec:
     """Check everything about an input file against a config; return what it holds."""
     path = str(path)
+    try:
+        return _validate(path, cfg)
+    except InputError:
+        raise
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        # A corrupt file fails deep inside HDF5 in many ways (bad heap, header, dangling link...).
+        raise InputError(path, None, f"cannot be read, file corrupt? ({type(exc).__name__}: {exc})") from None
+
+
+def _validate(path: str, cfg: ModelConfig) -> InputSpec:
     with _open(path) as f:
         has_tok, has_act = "tokens" in f, "activations" in f
         if has_tok == has_act:
@@ -131,14 +141,15 @@ def validate_input(path: str, cfg: ModelConfig) -> InputSpec:
 def _activation_dtype(path: str, ds: h5py.Dataset) -> str:
     declared = ds.attrs.get("dtype")
     if isinstance(declared, bytes):
-        declared = declared.decode()
-    if ds.dtype == np.uint16:
-        if declared != "bfloat16":
+        declared = declared.decode(errors="replace")
+    kind, size = ds.dtype.kind, ds.dtype.itemsize   # either byte order is fine
+    if kind == "u" and size == 2:
+        if not (isinstance(declared, str) and declared == "bfloat16"):
             raise InputError(path, "activations", "is uint16 without the attribute dtype='bfloat16'; "
                                                   "store float32/float16, or bfloat16 bits with that attribute")
         return "bfloat16"
-    if ds.dtype in (np.float32, np.float16):
-        return str(ds.dtype)
+    if kind == "f" and size in (2, 4):
+        return "float32" if size == 4 else "float16"
     raise InputError(path, "activations", f"has dtype {ds.dtype}, expected float32, float16 or "
                                           "bfloat16 (uint16 with attribute dtype='bfloat16')")
 
@@ -162,9 +173,10 @@ def _lengths(path: str, f: h5py.File, N: int, S: int) -> np.ndarray:
 
 
 def decode_activations(block: np.ndarray, act_dtype: str) -> torch.Tensor:
+    block = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("="))   # native byte order
     if act_dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(block).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(block))
+        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(block)
 
 
 class InputReader:
