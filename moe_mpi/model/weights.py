@@ -35,15 +35,55 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def random_tensor(cfg: ModelConfig, seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The seeded fp32 value of one named tensor (on the CPU, so every device gets the same numbers)."""
+# The counter-based generator behind random weights (see ``random_fill_``).
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B                              # < 2**31: every product stays below 2**63
+_IRWIN_HALL_STD = ((65536.0 ** 2 - 1) / 3) ** 0.5  # std of a sum of four uniform 16-bit integers
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix of non-negative int64 values below 2**32, exact on every device."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL) & _M32
+    return x ^ (x >> 16)
+
+
+def random_fill_(out: torch.Tensor, key: int, std: float) -> torch.Tensor:
+    """Fill ``out`` in place with seeded values of mean 0 and standard deviation ``std``.
+
+    Counter-based: value i depends only on (key, i), computed in exact integer arithmetic on the tensor's
+    own device, so a GPU rank draws its weights in place and gets bit-identical values to a CPU rank
+    (drawing paper-width weights with torch.randn on the CPU and copying them took minutes per rank).
+    Each value is a sum of four uniform 16-bit integers, centred and scaled (Irwin-Hall, within
+    +-3.47 std of the mean), which is all that random test weights need.
+    """
+    flat = out.view(-1)
+    k1, k2 = key & _M32, (key >> 32) & _M32
+    scale = std / _IRWIN_HALL_STD
+    chunk = 1 << (24 if out.device.type == "cuda" else 17)
+    for lo in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - lo)
+        # two 32-bit words per value; counters above 2**32 wrap into a new key
+        i = torch.arange(2 * lo, 2 * (lo + n), dtype=torch.int64, device=out.device)
+        h = _hash32(_hash32((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32)).view(n, 2)
+        s = ((h & 0xFFFF) + (h >> 16)).sum(dim=1) - 2 * 65535     # (n,) integers in [-131070, 131070]
+        flat[lo:lo + n] = (s.to(torch.float32) * scale).to(out.dtype)
+    return out
+
+
+def random_tensor(cfg: ModelConfig, seed: int, name: str, shape: tuple[int, ...], *,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The seeded value of one named tensor, made on ``device`` in ``dtype``: the same numbers on
+    every device (each value is rounded from the same fp32 value)."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+        return torch.ones(shape, device=device, dtype=dtype)
     std = cfg.initializer_range
     if name.endswith("e_score_correction_bias"):
         std = 0.1 / max(cfg.n_routed_experts, 1) ** 0.5  # small, nonzero: exercises the bias path
-    return torch.randn(shape, generator=gen) * std
+    out = torch.empty(shape, device=device, dtype=dtype)
+    return random_fill_(out, tensor_seed(seed, name), std)
 
 
 class Checkpoint:
@@ -88,11 +128,12 @@ def fill_(module: nn.Module, prefix: str, cfg: ModelConfig, *, seed: int, dtype:
             name = prefix + local
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 name = "model.embed_tokens.weight"
+            want = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
             if checkpoint is not None:
                 src = checkpoint.get(name, tuple(p.shape))
             else:
-                src = random_tensor(cfg, seed, name, tuple(p.shape))
-            p.data = src.to(device=device, dtype=torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+                src = random_tensor(cfg, seed, name, tuple(p.shape), device=device, dtype=want)
+            p.data = src.to(device=device, dtype=want)
             p.requires_grad_(False)
     return module
 

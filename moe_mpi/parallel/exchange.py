@@ -23,9 +23,12 @@ Transports (``make_transport`` picks one; the loops do not care which):
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -301,8 +304,10 @@ class OpSends:
 
 class OpTransport:
     """The exchange as messages, each through the channel ``channel(comm, peer)`` picks.  Every live
-    message is progressed whenever any handle is tested, so a message moves on while the loop waits
-    on another one."""
+    message is progressed whenever any handle is tested, and, with ``start_progress_thread``, by a
+    thread every few tens of microseconds: a front's loop runs a micro-batch for milliseconds between
+    tests (much of it blocked on its GPU, the interpreter lock released), and a message that waits for
+    it to answer (the go-ahead of an expert's reply) would wait as long."""
 
     name = "ops"
 
@@ -310,18 +315,52 @@ class OpTransport:
         self.comms, self.n_fronts, self.hidden, self.dtype = layer_comms, n_fronts, hidden, dtype
         self.device = device
         self.live: list[Op] = []
+        self.lock = threading.RLock()      # the loop's thread and the progress thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def channel(self, comm, peer: int):
         raise NotImplementedError
 
     def progress(self) -> None:
-        still = []
-        for op in self.live:
-            if not op.done:
-                op.done = op.progress()
-            if not op.done:
-                still.append(op)
-        self.live = still
+        with self.lock:
+            still = []
+            for op in self.live:
+                if not op.done:
+                    op.done = op.progress()
+                if not op.done:
+                    still.append(op)
+            self.live = still
+
+    def background_progress(self) -> None:
+        """What the progress thread does each round: everything here; the NCCL transport only its
+        control plane (the part that waits on the other side), leaving the rest to the loops."""
+        if self.live:
+            self.progress()
+
+    def start_progress_thread(self, interval: float = 100e-6) -> bool:
+        """Progress live messages from a daemon thread too (needs MPI_THREAD_MULTIPLE)."""
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            log.warning("MPI gives no MPI_THREAD_MULTIPLE: messages progress only when the loops test them")
+            return False
+
+        def run() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            while not self._stop.is_set():
+                self.background_progress()
+                time.sleep(interval)
+
+        self._thread = threading.Thread(target=run, name="moe-mpi-exchange-progress", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop_progress_thread)   # before MPI_Finalize (registered earlier, runs later)
+        return True
+
+    def stop_progress_thread(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def _start(self, op: Op) -> Op:
         op.done = op.progress()
@@ -331,6 +370,10 @@ class OpTransport:
 
     # --- front side ---
     def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> OpExchange:
+        with self.lock:
+            return self._dispatch(layer, step, x_ND, offsets)
+
+    def _dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> OpExchange:
         comm, n_experts = self.comms[layer], len(offsets) - 1
         x_ND = x_ND.contiguous()
         y_ND = torch.empty_like(x_ND)
@@ -347,6 +390,10 @@ class OpTransport:
 
     # --- expert side ---
     def expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
+        with self.lock:
+            return self._expect(layer, step, senders, capacities)
+
+    def _expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
         comm = self.comms[layer]
         ops = [self._start(self.channel(comm, front).recv(
                    comm, front, step, cap=cap, what=f"rank {front} (front {front}), micro-batch step {step}"))
@@ -354,6 +401,10 @@ class OpTransport:
         return OpReceive(self, ops, senders)
 
     def reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
+        with self.lock:
+            return self._reply(layer, step, senders, ys)
+
+    def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
         comm = self.comms[layer]
         ops = [self._start(self.channel(comm, front).send(
                    comm, front, step, y.contiguous(), sized=False, what=f"reply to front {front} (step {step})"))
@@ -372,14 +423,25 @@ class StagedChannel:
     """
 
     def __init__(self, hidden: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int | None = None):
-        if device.type != "cuda":
-            raise ValueError("the staged transport moves GPU tensors: it needs --device cuda")
         self.hidden, self.dtype, self.device = hidden, dtype, device
         row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
         chunk_bytes = chunk_bytes or int(float(os.environ.get("MOE_MPI_STAGE_CHUNK_MB", "4")) * 2**20)
         self.rows_per_chunk = max(1, chunk_bytes // row_bytes)
-        self.d2h = torch.cuda.Stream(device)
-        self.h2d = torch.cuda.Stream(device)
+        # On a CPU (tests of the protocol) the copies are plain and immediate.
+        self.cuda = device.type == "cuda"
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self, stream) -> "torch.cuda.Event | None":
+        """An event recorded on ``stream`` now (None on a CPU, where every copy is already done)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    def host_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=self.cuda)
 
     def chunks(self, rows: int) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.rows_per_chunk, rows)) for lo in range(0, rows, self.rows_per_chunk)]
@@ -402,21 +464,21 @@ class StagedSend(Op):
             self.keep.append(header)
         self.chunks = ch.chunks(x.shape[0])
         self.events, self.next = [], 0
-        if self.chunks:
-            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(x.device))
+        if self.chunks and not ch.cuda:
+            self.host = x.clone()
+            self.events = [None] * len(self.chunks)
+        elif self.chunks:
+            self.host = ch.host_buffer(x)
+            ready = ch.event(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(ch.d2h):
                 ch.d2h.wait_event(ready)
                 for lo, hi in self.chunks:
                     self.host[lo:hi].copy_(x[lo:hi], non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(ch.d2h)
-                    self.events.append(ev)
+                    self.events.append(ch.event(ch.d2h))
             x.record_stream(ch.d2h)
 
     def progress(self) -> bool:
-        while self.next < len(self.chunks) and self.events[self.next].query():
+        while self.next < len(self.chunks) and (self.events[self.next] is None or self.events[self.next].query()):
             lo, hi = self.chunks[self.next]
             buf = as_bytes(self.host[lo:hi])
             self.reqs.append(self.comm.Isend([buf, MPI.BYTE], dest=self.dest, tag=self.tag))
@@ -441,10 +503,13 @@ class StagedRecv(Op):
         self.chunks = self.ch.chunks(out.shape[0])
         self.copied = [False] * len(self.chunks)
         if self.chunks:
-            self.host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.host = self.ch.host_buffer(out)
             self.reqs = [self.comm.Irecv([as_bytes(self.host[lo:hi]), MPI.BYTE], source=self.source, tag=self.tag)
                          for lo, hi in self.chunks]
-            out.record_stream(self.ch.h2d)
+            if self.ch.cuda:
+                # out was allocated on the compute stream: copy into it only after what was queued there
+                self.ready = self.ch.event(torch.cuda.current_stream(out.device))
+                out.record_stream(self.ch.h2d)
 
     def progress(self) -> bool:
         if self.out is None:
@@ -457,17 +522,21 @@ class StagedRecv(Op):
         for k, req in enumerate(self.reqs):
             if not self.copied[k] and test_requests([req], [self.what]):
                 lo, hi = self.chunks[k]
-                with torch.cuda.stream(self.ch.h2d):
-                    self.out[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
+                if self.ch.cuda:
+                    with torch.cuda.stream(self.ch.h2d):
+                        self.ch.h2d.wait_event(self.ready)
+                        self.out[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
+                else:
+                    self.out[lo:hi].copy_(self.host[lo:hi])
                 self.copied[k] = True
         if not all(self.copied):
             return False
-        self.final = torch.cuda.Event()
-        self.final.record(self.ch.h2d)
+        self.final = self.ch.event(self.ch.h2d)
         return True
 
     def wait(self) -> None:
-        torch.cuda.current_stream(self.out.device).wait_event(self.final)
+        if self.final is not None:
+            torch.cuda.current_stream(self.out.device).wait_event(self.final)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -492,15 +561,22 @@ TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
 
 def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype,
                    device: torch.device, world=None):
-    """The transport for this run.  On CPU every name but ``nccl`` is MPI on host memory.  On GPUs
-    ``auto`` takes MPI on device memory where the MPI library is CUDA-aware, else NCCL (bootstrapped
-    from ``world``, which every rank must pass), else pinned host staging."""
+    """The transport for this run.  On CPUs ``auto`` and ``mpi`` are MPI on host memory and
+    ``mpi-staged`` its chunked protocol with plain copies.  On GPUs ``auto`` takes MPI on device memory
+    where the MPI library is CUDA-aware, else NCCL (bootstrapped from ``world``, which every rank must
+    pass), else pinned host staging."""
     device = torch.device(device)
     if name not in TRANSPORTS:
         raise ValueError(f"--transport {name!r} is not one of {', '.join(TRANSPORTS)}")
     if device.type != "cuda":
+        if name == "mpi-staged":
+            return with_progress_thread(StagedTransport(layer_comms, n_fronts, hidden, dtype, device))
         if name == "nccl":
-            raise ValueError("--transport nccl moves GPU tensors: it needs --device cuda")
+            if os.environ.get("MOE_MPI_TEST_NCCL_OVER_MPI") != "1":
+                raise ValueError("--transport nccl moves GPU tensors: it needs --device cuda")
+            from .nccl import NCCLTransport     # tests: the NCCL protocol with MPI carrying the payloads
+            return with_progress_thread(NCCLTransport(layer_comms, n_fronts, hidden, dtype, device, world,
+                                                      backend="mpi"))
         return MPITransport(layer_comms, n_fronts, hidden, dtype, device)
     cuda_aware = mpi_cuda_aware()
     if name == "auto":
@@ -514,8 +590,17 @@ def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dty
                              "(set MOE_MPI_CUDA_AWARE=1 if it is); use --transport nccl or mpi-staged")
         return MPITransport(layer_comms, n_fronts, hidden, dtype, device, device_buffers=True)
     if name == "mpi-staged":
-        return StagedTransport(layer_comms, n_fronts, hidden, dtype, device)
+        return with_progress_thread(StagedTransport(layer_comms, n_fronts, hidden, dtype, device))
     if world is None:
         raise ValueError("--transport nccl needs the world communicator to bootstrap NCCL")
     from .nccl import NCCLTransport
-    return NCCLTransport(layer_comms, n_fronts, hidden, dtype, device, world)
+    return with_progress_thread(NCCLTransport(layer_comms, n_fronts, hidden, dtype, device, world))
+
+
+def with_progress_thread(transport: OpTransport) -> OpTransport:
+    """Start the transport's progress thread on GPU runs (MOE_MPI_PROGRESS_THREAD=0 stops it, =1 forces
+    it on CPU runs too, where ranks may be oversubscribed and it is off by default)."""
+    wanted = os.environ.get("MOE_MPI_PROGRESS_THREAD", "1" if transport.device.type == "cuda" else "0")
+    if wanted == "1":
+        transport.start_progress_thread()
+    return transport

@@ -73,7 +73,9 @@ class Waiter:
     """
 
     def __init__(self, ctx: Context):
-        self.ctx, self.backoff, self.last = ctx, Backoff(), time.monotonic()
+        # GPU ranks are not oversubscribed, and a front asleep past a finished exchange idles its GPU
+        backoff = Backoff() if ctx.device.type == "cpu" else Backoff(cap=2e-4)
+        self.ctx, self.backoff, self.last = ctx, backoff, time.monotonic()
         self.deadline = ctx.opts.deadline * (1.0 if ctx.role.kind == "front" else 1.5)
 
     def progressed(self) -> None:
@@ -152,12 +154,15 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
                 results = seq_results(front, mb.batch, mb.seqs, stop.value, save_hidden=opts.save_hidden,
                                       save_routing=opts.save_routing)
                 load = stop.value.expert_load_LE.numpy()
-                ctx.rec.latencies.append(time.perf_counter() - mb.t_start)
-                if writer is not None:
-                    writer.write(results, load)
-                else:
+                req = None
+        if req is None:
+            ctx.rec.latencies.append(time.perf_counter() - mb.t_start)
+            if writer is not None:
+                writer.write(results, load)
+            else:
+                with ctx.rec.span(f"results mb{mb.step}", "send", step=mb.step):
                     sends.append(world.isend(("result", (results, load)), dest=0, tag=RESULT_TAG))
-                return True
+            return True
         with ctx.rec.span(f"dispatch mb{mb.step} L{req.moe_layer}", "send", step=mb.step, layer=req.moe_layer):
             mb.layer = req.moe_layer
             mb.exchange = ctx.transport.dispatch(req.moe_layer, mb.step, req.x_ND, req.plan.offsets)

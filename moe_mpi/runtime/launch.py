@@ -31,7 +31,8 @@ def _mpi():
 
 
 def mpi_library_version() -> str:
-    return _mpi().Get_library_version().strip().splitlines()[0]
+    # Open MPI 4.1's string ends in a NUL byte, which an HDF5 string attribute refuses
+    return _mpi().Get_library_version().replace("\x00", "").strip().splitlines()[0]
 
 
 def error(msg: str) -> None:
@@ -75,6 +76,7 @@ def _launch(opts: ScoreOptions, world, interrupt: Interrupt) -> int:
 
 
 def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
+    from ..parallel.devices import bind_device
     from ..parallel.exchange import make_transport
     from ..parallel.topology import Communicators, check_world_size
     from .distributed import Context, Writer, run_expert, run_front, set_threads
@@ -107,12 +109,12 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
     try:
         role = layout.role(rank)
         set_threads(comms.world)
-        device = torch.device(opts.device)
+        device = bind_device(comms.world, opts.device)
         plan = prep.plan(layout.n_fronts, opts.micro_batch_tokens)
         label = f"front {role.front}" if role.kind == "front" else f"expert L{role.layer} E{role.expert}"
         rec = Recorder(rank, label, tracing=bool(opts.trace))
         transport = make_transport(opts.transport, comms.layers, layout.n_fronts, cfg.hidden_size,
-                                   opts.torch_dtype, device)
+                                   opts.torch_dtype, device, world=comms.world)
         control = StopControl(comms.world, layout.n_fronts, interrupt, is_front=role.kind == "front")
         ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device, control)
         n_tokens = prep.tokens_in(plan)

@@ -1,0 +1,110 @@
+"""Which GPU each rank computes on: bound by node-local rank, with GPU sharing reported.
+
+MPI numbers the ranks of one node 0..n-1 (``Split_type(COMM_TYPE_SHARED)``); node-local rank i takes
+GPU i mod n_gpus of the GPUs it may use: those it sees, or the device indices listed in MOE_MPI_GPUS.
+With more ranks than GPUs, ranks share GPUs: that works (each process has its own CUDA context and
+the GPU time-slices between them), and rank 0 logs who shares which GPU.  To place roles on GPUs, give
+each group of ranks its own MOE_MPI_GPUS in an MPMD launch, e.g. the fronts on GPUs 0-1 and the experts
+on GPUs 2-3 (docs/gpu.md); unlike CUDA_VISIBLE_DEVICES this leaves every GPU visible to every rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("moe_mpi")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The GPU one rank computes on, named so that ranks can compare (their device indices need not
+    agree when their CUDA_VISIBLE_DEVICES differ)."""
+    host: str
+    uuid: str           # the GPU's UUID; "cpu" for a CPU rank
+    index: int          # CUDA device index as this rank sees it (-1 on CPU)
+    name: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.host, self.uuid
+
+
+def slot_of(device: torch.device) -> Slot:
+    host = socket.gethostname()
+    if device.type != "cuda":
+        return Slot(host, "cpu", -1, "cpu")
+    props = torch.cuda.get_device_properties(device)
+    return Slot(host, str(getattr(props, "uuid", f"index-{device.index}")), device.index, props.name)
+
+
+def local_rank(world) -> tuple[int, int]:
+    """This rank's number among the ranks of its node, and how many there are."""
+    from mpi4py import MPI
+
+    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def bind_device(world, kind: str) -> torch.device:
+    """The device of this rank for ``--device kind``; on GPUs the CUDA current device is set to it and
+    the binding of every rank is logged by rank 0.  Collective over ``world``."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda":
+        raise ValueError(f"--device must be cpu or cuda, got {kind!r}")
+    rank = world.Get_rank()
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: rank {rank} on {socket.gethostname()} sees no CUDA GPU "
+                         f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    lrank, _ = local_rank(world)
+    mine = usable_gpus(torch.cuda.device_count())
+    device = torch.device("cuda", mine[lrank % len(mine)])
+    torch.cuda.set_device(device)
+    slots = world.allgather(slot_of(device))
+    if rank == 0:
+        log.info("%s", describe_sharing(slots))
+    return device
+
+
+def usable_gpus(n_visible: int) -> list[int]:
+    """The device indices this rank may take: MOE_MPI_GPUS (comma-separated), or every visible one."""
+    listed = os.environ.get("MOE_MPI_GPUS", "").strip()
+    if not listed:
+        return list(range(n_visible))
+    try:
+        gpus = [int(x) for x in listed.split(",")]
+    except ValueError:
+        raise ValueError(f"MOE_MPI_GPUS={listed!r}: expected comma-separated device indices like 0,1") from None
+    bad = [g for g in gpus if not 0 <= g < n_visible]
+    if bad:
+        raise ValueError(f"MOE_MPI_GPUS={listed!r}: no GPU {bad[0]} among the {n_visible} visible here")
+    return gpus
+
+
+def sharing(slots: list[Slot]) -> dict[tuple[str, str], list[int]]:
+    """GPU key -> the ranks that compute on it, for a list of every rank's slot."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for rank, slot in enumerate(slots):
+        users.setdefault(slot.key, []).append(rank)
+    return users
+
+
+def describe_sharing(slots: list[Slot]) -> str:
+    users = sharing(slots)
+    if all(len(r) == 1 for r in users.values()):
+        return f"GPUs: {len(slots)} ranks, one GPU each ({slots[0].name})"
+    lines = [f"GPUs: {len(slots)} ranks share {len(users)} GPUs (each process has its own context; the GPU "
+             "time-slices between them):"]
+    for (host, uuid), ranks in users.items():
+        first = slots[ranks[0]]
+        lines.append(f"  {host} GPU {uuid[:13]} ({first.name}, index {first.index} for rank {ranks[0]}): "
+                     f"ranks {', '.join(map(str, ranks))}")
+    return "\n".join(lines)
