@@ -32,7 +32,7 @@ run: install
 	@mkdir -p $(OUT)
 	@world=$$($(VENV)/bin/moe-mpi layout --config inputs/tiny-model --front-ranks $(FRONTS) --world-size); \
 	echo "mpiexec -n $$world moe-mpi score inputs/tiny.h5 $(OUT)/tiny-scores.h5 --model inputs/tiny-model --front-ranks $(FRONTS)"; \
-	timeout 600 $(VENV)/bin/mpiexec -disable-auto-cleanup -n $$world $(PY) -m mpi4py -m moe_mpi score inputs/tiny.h5 $(OUT)/tiny-scores.h5 \
+	timeout 600 $(VENV)/bin/mpiexec -n $$world $(PY) -m mpi4py -m moe_mpi score inputs/tiny.h5 $(OUT)/tiny-scores.h5 \
 	  --model inputs/tiny-model --front-ranks $(FRONTS) --micro-batch-tokens 256 --overwrite --no-progress \
 	  --trace $(OUT)/tiny-trace.json
 	@echo "trace: $(OUT)/tiny-trace.json (open in https://ui.perfetto.dev or chrome://tracing)"

@@ -17,16 +17,9 @@ MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
 LAUNCH_TIMEOUT = float(os.environ.get("MOE_MPI_TEST_TIMEOUT", "240"))
 
 
-def _launcher_args() -> list[str]:
-    """MPICH's hydra kills every rank the moment one dies, before our watchdog can name it; with
-    -disable-auto-cleanup the survivors see it and abort the job themselves, with a message."""
-    if MPIEXEC is None:
-        return []
-    version = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
-    return ["-disable-auto-cleanup"] if "HYDRA" in version else []
-
-
-MPIEXEC_ARGS = _launcher_args()
+# Launch as users do.  (Not MPICH's -disable-auto-cleanup: hydra then signals the survivors with
+# SIGUSR1 whenever a rank exits, which moe-mpi must read as Slurm's time-limit warning.)
+MPIEXEC_ARGS: list[str] = []
 
 
 def env() -> dict:
