@@ -9,13 +9,14 @@ them (a route that flips at layer l, position t changes what later layers see at
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, cli, env, make_tokens, mpi_command, mpirun, read
+from conftest import MPIEXEC, REPO, cli, env, make_tokens, mpirun, read
 from moe_mpi.config import ModelConfig
 from moe_mpi.model.transformer import Batch, LocalExperts, drive
 from moe_mpi.model.weights import build_all_experts, build_front, random_tensor
@@ -23,6 +24,13 @@ from moe_mpi.parallel.exchange import mpi_cuda_aware
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NEAR_TIE = 0.01
+
+
+def mpi_python(n: int, *args) -> list[str]:
+    """`mpiexec -n N python -m mpi4py ARGS` (a plain launch: these tests inject no faults)."""
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found")
+    return [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpi4py", *map(str, args)]
 
 
 def route_margins(cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -108,8 +116,8 @@ def test_transport_protocols_on_cpu(tmp_path, reference, transport, thread):
     out = tmp_path / "out.h5"
     run_env = dict(env(), MOE_MPI_TEST_NCCL_OVER_MPI="1", MOE_MPI_TEST_CPU_GPUS="4", MOE_MPI_STAGE_CHUNK_MB="0.002",
                    MOE_MPI_PROGRESS_THREAD=thread)
-    cmd = mpi_command(10, "score", path, out, "--config", "tiny", "--front-ranks", 2, "-T", 64, "--in-flight", 3,
-                      "--save-routing", "--save-hidden", "--transport", transport)
+    cmd = mpi_python(10, "-m", "moe_mpi", "score", path, out, "--config", "tiny", "--front-ranks", 2, "-T", 64,
+                     "--in-flight", 3, "--save-routing", "--save-hidden", "--transport", transport)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=run_env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = read(out)
@@ -121,9 +129,9 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
     """benchmarks/gpu_exchange.py --small: every transport's round trips, dispatched out of order,
     two MoE layers."""
     run_env = dict(env(), MOE_MPI_STAGE_CHUNK_MB="0.002", MOE_MPI_TEST_CPU_GPUS="4")
-    cmd = mpi_command(6)[:-2]       # mpiexec ... python -m mpi4py
-    proc = subprocess.run([*cmd, str(REPO / "benchmarks" / "gpu_exchange.py"), "--device", "cpu", "--small",
-                           "--layers", "2", "--shuffle", "--out", str(tmp_path)],
+    cmd = mpi_python(6, REPO / "benchmarks" / "gpu_exchange.py", "--device", "cpu", "--small", "--layers", 2,
+                     "--shuffle", "--out", tmp_path)
+    proc = subprocess.run(cmd,
                           capture_output=True, text=True, timeout=240, env=run_env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "round trips all correct" in proc.stdout
@@ -171,8 +179,8 @@ def test_mpi_transport_needs_a_cuda_aware_mpi(tmp_path, reference):
 
 @needs_cuda
 def test_exchange_benchmark_round_trips_on_gpus(tmp_path):
-    cmd = mpi_command(4)[:-2]
-    proc = subprocess.run([*cmd, str(REPO / "benchmarks" / "gpu_exchange.py"), "--small", "--out", str(tmp_path)],
+    cmd = mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--small", "--out", tmp_path)
+    proc = subprocess.run(cmd,
                           capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "round trips all correct" in proc.stdout

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from .devices import slot_of
-from .exchange import CONTROL_TAG, GO_TAG, Op, OpTransport, StagedChannel, as_bytes, test_requests
+from .exchange import CONTROL_TAG, GO_TAG, Op, OpTransport, PeerFailure, StagedChannel, as_bytes, test_requests
 
 log = logging.getLogger("moe_mpi")
 
@@ -44,9 +44,6 @@ def init_process_group(world, backend: str = "nccl") -> None:
                                f"{dist.get_world_size()}, but this is MPI rank {rank} of {size}")
         return
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")   # NVLink multicast can wedge shared GPUs
-    # no flight-recorder entry (with its stack trace) per operation: we post thousands of small ones
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "0")
-    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "0")
     timeout = timedelta(seconds=600)
     address = None
     if rank == 0:
@@ -195,10 +192,17 @@ class Net:
         table.setdefault((id(comm), peer), deque()).append(
             (comm.Irecv([buf, MPI.INT64_T], source=peer, tag=tag), buf, comm))
 
+    def _arrived(self, queue: deque, peer: int, what: str) -> bool:
+        req, _, comm = queue[0]
+        try:
+            return req.Test()
+        except MPI.Exception as exc:
+            raise PeerFailure.of(exc, [f"{what} from rank {self.world_rank(comm, peer)}"]) from None
+
     def poll(self) -> None:
         """Deliver arrived control messages and go-aheads, each queue in arrival (= posting) order."""
         for (cid, peer), queue in self.controls.items():
-            while queue and test_requests([queue[0][0]], [f"control message from rank {self.world_rank(queue[0][2], peer)}"]):
+            while queue and self._arrived(queue, peer, "control message"):
                 _, buf, comm = queue.popleft()
                 step, rows = int(buf[0]), int(buf[1])
                 op = self.waiting.pop((cid, peer, step), None)
@@ -208,7 +212,7 @@ class Net:
                     self.early[(cid, peer, step)] = rows
                     self._post(self.controls, comm, peer, CONTROL_TAG, 2)
         for (cid, peer), queue in self.gos.items():
-            while queue and test_requests([queue[0][0]], [f"go-ahead from rank {self.world_rank(queue[0][2], peer)}"]):
+            while queue and self._arrived(queue, peer, "go-ahead"):
                 _, buf, comm = queue.popleft()
                 op = self.held.pop((cid, peer, int(buf[0])), None)
                 if op is None:
@@ -319,6 +323,6 @@ class NCCLTransport(OpTransport):
             super().progress()
 
     def background_progress(self) -> None:
-        if self.net.controls or self.net.gos:
+        if any(self.net.controls.values()) or any(self.net.gos.values()):
             with self.lock:
                 self.net.poll()

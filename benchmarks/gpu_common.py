@@ -1,0 +1,114 @@
+"""What the GPU benchmarks share: the card's name, the two measured ceilings (matrix-product peak and
+device copy bandwidth), event timing, and writing a results table as markdown + JSON."""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def card_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+
+
+def card_slug(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', for file names."""
+    return re.sub(r"[^a-z0-9]+", "-", card_name(device).lower()).strip("-")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, *, warmup: int = 3, iters: int = 10) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn`` after ``warmup`` calls: CUDA events around each
+    call on a GPU, the host clock after a synchronisation on a CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record(stream)
+            fn()
+            end.record(stream)
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def matmul_peak(device: torch.device, small: bool = False) -> dict:
+    """Best bf16 matrix-product rate (TFLOP/s) over a few large shapes, on random data (zeros run faster)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [(512, 512, 512)] if small else [(8192, 8192, 8192), (16384, 18432, 7168), (16384, 7168, 18432)]
+    rates = {}
+    for m, n, k in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        ms = median(time_ms(lambda: a @ b, device, warmup=3, iters=10))
+        rates[f"{m}x{n}x{k}"] = 2 * m * n * k / (ms * 1e-3) / 1e12
+        del a, b
+    return {"tflops": max(rates.values()), "by_shape": rates}
+
+
+def copy_bandwidth(device: torch.device, small: bool = False) -> dict:
+    """Device-to-device copy bandwidth (GB/s), counting bytes read plus bytes written."""
+    n = (1 << 22) if small else (1 << 30)   # bytes per buffer
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = median(time_ms(lambda: dst.copy_(src), device, warmup=3, iters=20))
+    return {"gbps": 2 * n / (ms * 1e-3) / 1e9, "buffer_bytes": n}
+
+
+def md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("n/a" if v is None else (format(v, fmt) if fmt else str(v)))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def write_results(out_dir: str | Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    md.write_text(markdown.rstrip() + "\n")
+    js.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return md, js
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "card": card_name(device)}
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpus_visible"] = torch.cuda.device_count()
+        try:
+            env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:  # noqa: BLE001 - informative only
+            pass
+    return env

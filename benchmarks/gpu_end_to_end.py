@@ -1,0 +1,463 @@
+"""End-to-end benchmark: a paper-width slice scored on 4 GPUs by the distributed runtime against the
+same slice and the same tokens in one process on one GPU, in one run.
+
+    python benchmarks/gpu_end_to_end.py                       # needs 4 GPUs for the target layout
+    python benchmarks/gpu_end_to_end.py --device cpu --small  # the whole procedure on CPUs, tiny model
+
+The slice: hidden 7168, MLA 128 heads x 56, dense and expert MLP hidden 18432, vocabulary 129280;
+3 layers (1 dense, 2 MoE), 4 experts per MoE layer, top-2.  Distributed layout (one MPMD launch):
+2 fronts alone on GPUs 0 and 1, the 8 expert ranks on GPUs 2 and 3 (4 each, time-sliced), so every
+exchanging pair is on two different GPUs and the NCCL transport carries all of it.  Reported: tokens/s
+of both runs and their ratio, end-to-end MFU (useful model flops over GPUs x the matrix-product peak
+measured in this run), busy fraction per rank (the runtime's host spans) and GPU utilisation
+(nvidia-smi, sampled over each scoring window), micro-batch latency p50/p99, and the agreement of the
+bf16 outputs with an fp32 run of the same tokens (log-probabilities, routing and its near-ties).
+Results: benchmarks/results/gpu_end_to_end_<card>.{md,json} and the distributed run's trace.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import RESULTS, card_slug, environment, matmul_peak, md_table, write_results  # noqa: E402
+from moe_mpi.config import ModelConfig  # noqa: E402
+from moe_mpi.model.transformer import Batch, LocalExperts, drive  # noqa: E402
+from moe_mpi.model.weights import build_all_experts, build_front  # noqa: E402
+
+SLICE = dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+             n_group=1, topk_group=1)
+
+
+def slice_config(small: bool) -> ModelConfig:
+    if small:
+        return ModelConfig.load("tiny")
+    return ModelConfig.load("paper").replace(name="paper-slice", **SLICE)
+
+
+def model_flops(cfg: ModelConfig, lengths: np.ndarray) -> float:
+    """Useful flops of scoring these sequences: every matrix product the model needs (attention scores
+    over the causal half only, the LM head only where a next token is scored); no padding."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    qk, v = cfg.qk_head_dim, cfg.v_head_dim
+    q = D * cfg.q_lora_rank + cfg.q_lora_rank * H * qk if cfg.q_lora_rank else D * H * qk
+    proj = q + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + v) \
+        + H * v * D
+    per_token = cfg.num_hidden_layers * 2 * proj
+    per_token += cfg.first_k_dense_replace * 6 * D * cfg.intermediate_size
+    per_token += cfg.n_moe_layers * (cfg.num_experts_per_tok * 6 * D * cfg.moe_intermediate_size
+                                     + 2 * D * cfg.n_routed_experts
+                                     + 6 * D * cfg.moe_intermediate_size * cfg.n_shared_experts)
+    L = lengths.astype(np.float64)
+    attn = cfg.num_hidden_layers * 2 * H * (qk + v) * (L * (L + 1) / 2)
+    head = 2 * D * cfg.vocab_size * np.maximum(L - 1, 0)
+    return float(per_token * L.sum() + attn.sum() + head.sum())
+
+
+class GpuSampler:
+    """nvidia-smi utilization.gpu of every GPU every 100 ms, time-stamped on arrival."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int, float]] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu",
+                                          "--format=csv,noheader,nounits", "-lms", "100"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                idx, util = (x.strip() for x in line.split(","))
+                self.samples.append((time.time(), int(idx), float(util)))
+            except ValueError:
+                continue
+
+    def mean(self, t0: float, t1: float) -> dict[int, float]:
+        per: dict[int, list[float]] = {}
+        for t, idx, u in self.samples:
+            if t0 <= t <= t1:
+                per.setdefault(idx, []).append(u)
+        return {i: sum(v) / len(v) / 100 for i, v in sorted(per.items())}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def mpiexec() -> list[str]:
+    exe = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if exe is None:
+        raise SystemExit("mpiexec not found")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    extra = ["--allow-run-as-root"] if ("Open MPI" in version or "OpenRTE" in version) and os.geteuid() == 0 else []
+    return [exe, *extra]
+
+
+def run(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int, float, str]:
+    """Run a command; return its status, the wall time at which it printed its summary line
+    ('wrote ...'), and its output."""
+    t_summary = None
+    lines = []
+    with subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        deadline = time.time() + timeout
+
+        def kill():
+            while proc.poll() is None:
+                if time.time() > deadline:
+                    proc.kill()
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=kill, daemon=True).start()
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("wrote ") and t_summary is None:
+                t_summary = time.time()
+        rc = proc.wait()
+    out = "".join(lines)
+    log.write_text(" ".join(cmd) + "\n\n" + out)
+    return rc, t_summary or time.time(), out
+
+
+def read_out(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        d = {k: f[k][...] for k in ("token_logprobs", "lengths")}
+        if "routing/expert_ids" in f:
+            d["expert_ids"] = f["routing/expert_ids"][...]
+        d["attrs"] = {k: (json.loads(v) if k == "metrics" else v) for k, v in f.attrs.items()
+                      if k in ("tokens_per_second", "elapsed_seconds", "tokens", "metrics", "world_size")}
+    return d
+
+
+def fp32_reference(cfg, tokens: np.ndarray, lengths: np.ndarray, device, seed: int) -> dict:
+    """Log-probabilities, routing and each route's top-k margin from an fp32 run of the same weights,
+    one sequence at a time."""
+    front = build_front(cfg, seed=seed, dtype=torch.float32, device=device)
+    experts = LocalExperts(build_all_experts(cfg, seed=seed, dtype=torch.float32, device=device))
+    captured = []
+    for i, layer in enumerate(front.model.layers):
+        if cfg.is_moe_layer(i):
+            layer.mlp.gate.register_forward_hook(lambda m, inp, out: captured.append((m, inp[0])))
+    N, S = tokens.shape
+    K = cfg.num_experts_per_tok
+    lp = np.full((N, S), np.nan, dtype=np.float32)
+    ids = np.zeros((cfg.n_moe_layers, N, S, K), dtype=np.int16)
+    margin = np.full((cfg.n_moe_layers, N, S), np.inf)
+    with torch.inference_mode():
+        for b in range(N):
+            n = int(lengths[b])
+            batch = Batch(torch.tensor([n], device=device), tokens_BS=torch.as_tensor(tokens[b:b + 1, :n], device=device))
+            captured.clear()
+            res = drive(front.forward_steps(batch), experts)
+            lp[b, :n] = front.logprobs(res.hidden_BSD, batch)[0].cpu().numpy()
+            for l, ((gate, h), ids_TK) in enumerate(zip(captured, res.expert_ids_LTK)):
+                ids[l, b, :n] = ids_TK.cpu().numpy()
+                choice = torch.sigmoid(h.float() @ gate.weight.float().t()) + gate.e_score_correction_bias.float()
+                top = choice.topk(K + 1, dim=-1).values
+                margin[l, b, :n] = (top[:, K - 1] - top[:, K]).cpu().numpy()
+    del front, experts
+    return {"token_logprobs": lp, "expert_ids": ids, "margin": margin}
+
+
+def agreement(got: dict, ref: dict, n: int, lengths: np.ndarray, tol: float = 0.01) -> dict:
+    """bf16 against fp32 on the first n sequences: log-prob differences, routing agreement, and the
+    routing differences that are neither at a near-tie (top-k margin < tol in the fp32 run) nor
+    downstream of an earlier one (a flip at layer l0, position t0 changes later layers at t >= t0)."""
+    a, b = got["token_logprobs"][:n], ref["token_logprobs"][:n]
+    m = ~np.isnan(b)
+    d = np.abs(a[m] - b[m])
+    out = {"sequences": n, "logprob_abs_diff_mean": float(d.mean()), "logprob_abs_diff_p99": float(np.percentile(d, 99)),
+           "logprob_abs_diff_max": float(d.max()),
+           "sequence_logprob_rel_diff_max": float(np.max(np.abs(np.nansum(a, 1) - np.nansum(b, 1))
+                                                         / np.abs(np.nansum(b, 1))))}
+    if "expert_ids" in got:
+        S = a.shape[1]
+        valid = np.arange(S)[None, :] < lengths[:n, None]
+        diff = (np.sort(got["expert_ids"][:, :n], -1) != np.sort(ref["expert_ids"][:, :n], -1)).any(-1) & valid[None]
+        unexplained = 0
+        for l, s, t in np.argwhere(diff):
+            near = ref["margin"][l, s, t] < tol
+            downstream = any(diff[l0, s, : t + 1].any() for l0 in range(l))
+            unexplained += int(not (near or downstream))
+        out.update(routes=int(valid.sum() * diff.shape[0]), route_differences=int(diff.sum()),
+                   route_agreement=float(1 - diff.sum() / (valid.sum() * diff.shape[0])),
+                   route_differences_at_near_ties=int(diff.sum() - unexplained),
+                   route_differences_unexplained=unexplained, near_tie_margin=tol)
+    return out
+
+
+def trace_summary(path: Path) -> dict:
+    """Per rank: seconds in each span category of the distributed run's trace."""
+    data = json.loads(path.read_text())
+    names = {e["pid"]: e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "process_name"}
+    per: dict[str, dict[str, float]] = {}
+    for e in data["traceEvents"]:
+        if e.get("ph") == "X":
+            cat = per.setdefault(names.get(e["pid"], str(e["pid"])), {})
+            cat[e["cat"]] = cat.get(e["cat"], 0.0) + e["dur"] / 1e6
+    return per
+
+
+def profile_single(cfg, tokens, lengths, device, seed: int) -> list[dict]:
+    """GPU time by kernel of two bf16 micro-batches of the one-process run (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    front = build_front(cfg, seed=seed, dtype=torch.bfloat16, device=device)
+    experts = LocalExperts(build_all_experts(cfg, seed=seed, dtype=torch.bfloat16, device=device))
+
+    def one(b):
+        n = int(lengths[b])
+        batch = Batch(torch.tensor([n], device=device), tokens_BS=torch.as_tensor(tokens[b:b + 1, :n], device=device))
+        res = drive(front.forward_steps(batch), experts)
+        front.logprobs(res.hidden_BSD, batch).cpu()
+
+    with torch.inference_mode():
+        one(0)
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            one(1)
+            one(2)
+            torch.cuda.synchronize(device)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:100], "calls": e.count, "ms": t / 1e3})
+    total = sum(r["ms"] for r in rows) or 1.0
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows:
+        r["share"] = r["ms"] / total
+    del front, experts
+    return rows[:15]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--small", action="store_true", help="tiny model on CPUs: a check of the procedure")
+    p.add_argument("--sequences", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch-tokens", type=int, default=2048)
+    p.add_argument("--in-flight", type=int, default=4)
+    p.add_argument("--variants", default="fronts=2;fronts=2,in_flight=8;fronts=2,in_flight=8,thread=1",
+                   help="distributed runs, ';'-separated, each 'fronts=F,in_flight=N,thread=0|1'")
+    p.add_argument("--check-sequences", type=int, default=8, help="sequences compared against fp32")
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    args = p.parse_args()
+    if args.small:
+        args.sequences, args.seq_len, args.micro_batch_tokens, args.check_sequences = 12, 48, 96, 4
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    cfg = slice_config(args.small)
+    work = Path(args.work or tempfile.mkdtemp(prefix="moe_e2e_"))
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path = work / "slice.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict(), indent=1))
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+
+    # the same tokens for every run
+    rng = np.random.default_rng(args.seed)
+    tokens = rng.integers(0, cfg.vocab_size, size=(args.sequences, args.seq_len), dtype=np.int64)
+    lengths = np.full(args.sequences, args.seq_len, dtype=np.int64)
+    inp = work / "tokens.h5"
+    with h5py.File(inp, "w") as f:
+        f["tokens"], f["lengths"] = tokens, lengths
+    flops = model_flops(cfg, lengths)
+
+    peaks = {}
+    if device.type == "cuda":
+        for g in range(n_gpus):
+            peaks[g] = matmul_peak(torch.device("cuda", g))["tflops"]
+            torch.cuda.empty_cache()
+    else:
+        peaks[0] = matmul_peak(device, small=True)["tflops"]
+    peak = sum(peaks.values()) / len(peaks)
+    print(f"matrix-product peak (TFLOP/s) per GPU: {peaks}", flush=True)
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("OMP_NUM_THREADS", "4")
+    common = ["--config", str(cfg_path), "--device", args.device, "--dtype", "bfloat16",
+              "--micro-batch-tokens", str(args.micro_batch_tokens), "--in-flight", str(args.in_flight),
+              "--save-routing", "--no-progress", "--overwrite", "--seed", str(args.seed)]
+    py = [sys.executable, "-m", "mpi4py", "-m", "moe_mpi", "score", str(inp)]
+    n_experts = cfg.n_moe_layers * cfg.n_routed_experts
+    if n_gpus >= 2:
+        half = n_gpus // 2
+        front_gpus = ",".join(map(str, range(half)))
+        expert_gpus = ",".join(map(str, range(half, n_gpus)))
+        where = f"on GPU(s) {front_gpus}, {n_experts} experts on GPU(s) {expert_gpus} (MPMD launch, MOE_MPI_GPUS per group)"
+    else:
+        front_gpus = expert_gpus = "0" if n_gpus else ""
+        where = f"and {n_experts} experts on {'one GPU' if n_gpus else 'CPU processes'}"
+
+    sampler = GpuSampler() if device.type == "cuda" else None
+    launches = []   # (name, returncode, output file, time of its summary line, GPUs, trace, layout)
+    for i, variant in enumerate(args.variants.split(";")):
+        opts = dict(kv.split("=") for kv in variant.split(",") if kv)     # fronts=2,in_flight=8,thread=0
+        F, in_flight = int(opts.get("fronts", 2)), int(opts.get("in_flight", args.in_flight))
+        thread = opts.get("thread", "0")
+        name = (f"distributed, {F} fronts" + (f", {in_flight} in flight" if in_flight != args.in_flight else "")
+                + (", progress thread" if thread == "1" else ""))
+        out, trace = work / f"dist{i}.h5", work / f"trace{i}.json"
+        rest = [*common, "--front-ranks", str(F), "--transport", args.transport, "--trace", str(trace),
+                "--in-flight", str(in_flight)]
+        envs = [f"MOE_MPI_PROGRESS_THREAD={thread}"]
+        cmd = [*mpiexec(), "-n", str(F), "env", f"MOE_MPI_GPUS={front_gpus}", *envs, *py, str(out), *rest,
+               ":", "-n", str(n_experts), "env", f"MOE_MPI_GPUS={expert_gpus}", *envs, *py, str(out), *rest]
+        if device.type == "cpu":
+            cmd = [*mpiexec(), "-n", str(F + n_experts), "env", *envs, *py, str(out), *rest]
+        print(f"{name}:", " ".join(cmd), flush=True)
+        rc, t_end, log = run(cmd, env, work / f"dist{i}.log", args.timeout)
+        print(log[-1500:], flush=True)
+        launches.append((name, rc, out, t_end, max(n_gpus, 1), trace,
+                         f"{F} fronts {where}, {in_flight} micro-batches in flight per front, exchange progress "
+                         f"thread {'off' if thread == '0' else 'on'}"))
+    single_out = work / "single.h5"
+    single_env = dict(env, CUDA_VISIBLE_DEVICES="0") if device.type == "cuda" else env
+    single_cmd = [sys.executable, "-m", "moe_mpi", "score", str(inp), str(single_out), *common]
+    print("one process:", " ".join(single_cmd), flush=True)
+    rc, t_end, log = run(single_cmd, single_env, work / "single.log", args.timeout)
+    print(log[-800:], flush=True)
+    launches.append(("one process", rc, single_out, t_end, 1, None, "one process on GPU 0" if n_gpus else "one process"))
+    if sampler:
+        sampler.stop()
+
+    res = {"config": cfg.to_dict(), "sequences": args.sequences, "seq_len": args.seq_len,
+           "micro_batch_tokens": args.micro_batch_tokens, "in_flight": args.in_flight, "model_flops": flops,
+           "peak_tflops_per_gpu": peaks, "returncodes": {name: rc for name, rc, *_ in launches}}
+    runs, traces = {}, {}
+    for name, rc, path, t_end, gpus, trace, layout in launches:
+        if rc or not path.exists():
+            print(f"{name} failed (exit {rc}); logs in {work}", file=sys.stderr)
+            continue
+        d = read_out(path)
+        el = float(d["attrs"]["elapsed_seconds"])
+        r = {"layout": layout, "tokens": int(d["attrs"]["tokens"]), "elapsed_s": el,
+             "tokens_per_s": float(d["attrs"]["tokens_per_second"]), "gpus": gpus,
+             "mfu": flops / (el * gpus * peak * 1e12)}
+        m = d["attrs"].get("metrics")
+        if m:
+            r.update(latency_p50_ms=1e3 * m["micro_batch_latency_p50_s"], latency_p99_ms=1e3 * m["micro_batch_latency_p99_s"],
+                     busy_fraction=m["busy_fraction"])
+        if sampler:
+            r["gpu_utilization"] = sampler.mean(t_end - el, t_end)
+        if trace is not None and trace.exists():
+            traces[name] = trace
+            r["trace_seconds_by_category"] = trace_summary(trace)
+        runs[name] = (r, d)
+    res["runs"] = {k: v[0] for k, v in runs.items()}
+    dists = [k for k in runs if k.startswith("distributed")]
+    if dists and "one process" in runs:
+        for k in dists:
+            res["runs"][k]["speedup"] = runs[k][0]["tokens_per_s"] / runs["one process"][0]["tokens_per_s"]
+        res["best"] = max(dists, key=lambda k: runs[k][0]["tokens_per_s"])
+        res["speedup"] = res["runs"][res["best"]]["speedup"]
+
+    # fp32 reference of the first sequences, and the one-process profile
+    n = min(args.check_sequences, args.sequences)
+    ref = fp32_reference(cfg, tokens[:n], lengths[:n], device, args.seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    res["agreement"] = {name: agreement(d, ref, n, lengths) for name, (_, d) in runs.items()}
+    if device.type == "cuda":
+        res["profile_single"] = profile_single(cfg, tokens, lengths, device, args.seed)
+
+    env_info = environment(device)
+    slug = card_slug(device) + ("_small" if args.small else "")
+    if res.get("best") in traces:   # the trace of the headline run
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with open(traces[res["best"]], "rb") as src, \
+                gzip.open(Path(args.out) / f"gpu_end_to_end_{slug}_trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    md = report(res, env_info, args)
+    write_results(args.out, f"gpu_end_to_end_{slug}", md, {**res, "environment": env_info, "args": vars(args)})
+    print(md, flush=True)
+    return 0 if all(rc == 0 for _, rc, *_ in launches) else 1
+
+
+def report(res: dict, env: dict, args) -> str:
+    runs = res["runs"]
+    rows = []
+    for name, r in runs.items():
+        rows.append({"run": name, "gpus": r["gpus"], "tokens": r["tokens"], "elapsed": r["elapsed_s"],
+                     "tps": r["tokens_per_s"], "speedup": r.get("speedup"), "mfu": r["mfu"],
+                     "p50": r.get("latency_p50_ms"), "p99": r.get("latency_p99_ms"),
+                     "util": ", ".join(f"GPU{g} {u:.2f}" for g, u in r.get("gpu_utilization", {}).items()) or None})
+    cols = [("run", "run", ""), ("gpus", "GPUs", "d"), ("tokens", "tokens", "d"), ("elapsed", "scoring (s)", ".2f"),
+            ("tps", "tokens/s", ".0f"), ("speedup", "vs one process", ".2f"), ("mfu", "MFU", ".3f"),
+            ("p50", "latency p50 (ms)", ".1f"), ("p99", "latency p99 (ms)", ".1f"),
+            ("util", "GPU utilisation (nvidia-smi)", "")]
+    c = res["config"]
+    lines = [f"# End to end: paper-width slice, distributed vs one process ({env['card']})", "",
+             f"Slice: hidden {c['hidden_size']}, MLA {c['num_attention_heads']} x "
+             f"{c['qk_nope_head_dim'] + c['qk_rope_head_dim']}, MLP hidden {c['intermediate_size']}, "
+             f"{c['num_hidden_layers']} layers ({c['first_k_dense_replace']} dense), {c['n_routed_experts']} experts, "
+             f"top-{c['num_experts_per_tok']}, vocabulary {c['vocab_size']}; bf16. The same {res['sequences']} "
+             f"sequences x {res['seq_len']} tokens in every run, micro-batches of {res['micro_batch_tokens']} tokens, "
+             f"{res['in_flight']} in flight per front. MFU = {res['model_flops'] / 1e12:.1f} TFLOP of useful model "
+             f"work (every matrix product the model needs: causal half of attention, LM head at scored positions) / "
+             f"(scoring time x GPUs x matrix-product peak measured in this run, "
+             f"{sum(res['peak_tflops_per_gpu'].values()) / len(res['peak_tflops_per_gpu']):.0f} TFLOP/s per GPU).", "",
+             "Layouts: " + "; ".join(f"{k}: {r['layout']}" for k, r in runs.items()) + ".", "",
+             md_table(rows, cols), ""]
+    failed = [k for k, rc in res["returncodes"].items() if rc]
+    if failed:
+        lines += [f"Failed runs (see logs): {', '.join(failed)}.", ""]
+    if res.get("best"):
+        best = runs[res["best"]]
+        speed, mfu = res["speedup"], best["mfu"]
+        lines += [f"**Best distributed run ({res['best']}): {speed:.2f}x the one-process tokens/s** (target 3x: "
+                  f"{'met' if speed >= 3 else f'missed by {3 - speed:.2f}x'}); its MFU {mfu:.3f} (target 0.60: "
+                  f"{'met' if mfu >= 0.6 else f'missed by {0.6 - mfu:.3f}'}).", ""]
+    for name, r in runs.items():
+        if r.get("busy_fraction"):
+            lines += [f"Busy fraction per rank, {name} (host time in compute and send spans / wall time; a front's "
+                      "compute spans include waiting for its own GPU, an expert's only launching work):", "",
+                      ", ".join(f"{k} {v:.2f}" for k, v in r["busy_fraction"].items()), ""]
+        if r.get("trace_seconds_by_category"):
+            tr = [{"rank": k, **cats} for k, cats in r["trace_seconds_by_category"].items()]
+            cats = sorted({k for row in tr for k in row if k != "rank"})
+            lines += [f"Seconds per span category in the trace, {name}:", "",
+                      md_table(tr, [("rank", "rank", "")] + [(k, k, ".2f") for k in cats]), ""]
+    for name, a in res.get("agreement", {}).items():
+        lines += [f"Agreement of the {name} bf16 run with fp32 (same weights, first {a['sequences']} sequences): "
+                  f"|log p| difference mean {a['logprob_abs_diff_mean']:.4f}, p99 {a['logprob_abs_diff_p99']:.3f}, "
+                  f"max {a['logprob_abs_diff_max']:.3f}; sequence log-prob relative difference max "
+                  f"{a['sequence_logprob_rel_diff_max']:.2e}"
+                  + (f"; routing {100 * a['route_agreement']:.2f}% identical, {a['route_differences']} differences of "
+                     f"which {a['route_differences_at_near_ties']} at near-ties (fp32 top-k margin < "
+                     f"{a['near_tie_margin']}) or downstream of one, {a['route_differences_unexplained']} unexplained"
+                     if "route_agreement" in a else "") + ".", ""]
+    if res.get("profile_single"):
+        lines += ["One-process profile (GPU time by kernel, two micro-batches):", "",
+                  md_table(res["profile_single"], [("kernel", "kernel", ""), ("calls", "calls", "d"),
+                                                   ("ms", "ms", ".2f"), ("share", "share", ".3f")]), ""]
+    lines += [f"Environment: {env}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
