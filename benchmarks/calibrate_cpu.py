@@ -472,6 +472,11 @@ def main() -> None:
                 if oth:
                     line += (f" and had {got['cores this job had while scoring']['meas']:.2f} of {cores} cores "
                              f"(other jobs took {oth['meas']:.2f})")
+                if oth:
+                    have = got["cores this job had while scoring"]["meas"]
+                    line += (f". Together: {cal['pred_tps']:.0f} / {job['meas'] / job['pred']:.2f} x "
+                             f"{have:.2f}/{cores} cores = {cal['pred_tps'] / (job['meas'] / job['pred']) * have / cores:.0f} "
+                             f"tokens/s, against {cal['meas_tps']:.0f} measured")
                 line += ("; the model has no term for this overhead of many processes on few cores (waiting "
                          "ranks waking up to poll, context switches, per-call overheads of small matmuls, "
                          "cache sharing) nor for other jobs on the box.")

@@ -598,9 +598,8 @@ def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dty
 
 
 def with_progress_thread(transport: OpTransport) -> OpTransport:
-    """Start the transport's progress thread on GPU runs (MOE_MPI_PROGRESS_THREAD=0 stops it, =1 forces
-    it on CPU runs too, where ranks may be oversubscribed and it is off by default)."""
-    wanted = os.environ.get("MOE_MPI_PROGRESS_THREAD", "1" if transport.device.type == "cuda" else "0")
-    if wanted == "1":
+    """Start the transport's progress thread if MOE_MPI_PROGRESS_THREAD=1.  Off by default: on the
+    paper-width slice it did not raise throughput (benchmarks/results/gpu_end_to_end_*)."""
+    if os.environ.get("MOE_MPI_PROGRESS_THREAD", "0") == "1":
         transport.start_progress_thread()
     return transport
