@@ -501,7 +501,7 @@ def main() -> None:
                         "experts": per_ktok(sum(v for k, v in cpu.items() if k >= F)),
                         "front_spans": bd["front"].get("compute", 0) * F * 1000 / tokens,
                         "expert_spans": bd["expert"].get("compute", 0) * n_exp * 1000 / tokens})
-            row["launcher"] = row["job"] - row["fronts"] - row["experts"]
+            row["launcher"] = max(0.0, row["job"] - row["fronts"] - row["experts"])
         cpu_rows.append(row)
     lines += ["## CPU seconds per 1000 tokens while scoring (round 1)", "",
               md_table(cpu_rows, [("layout", "layout", ""), ("job", "whole job", ".3f"),
