@@ -5,9 +5,11 @@ same slice and the same tokens in one process on one GPU, in one run.
     python benchmarks/gpu_end_to_end.py --device cpu --small  # the whole procedure on CPUs, tiny model
 
 The slice: hidden 7168, MLA 128 heads x 56, dense and expert MLP hidden 18432, vocabulary 129280;
-3 layers (1 dense, 2 MoE), 4 experts per MoE layer, top-2.  Distributed layout (one MPMD launch):
-2 fronts alone on GPUs 0 and 1, the 8 expert ranks on GPUs 2 and 3 (4 each, time-sliced), so every
-exchanging pair is on two different GPUs and the NCCL transport carries all of it.  Reported: tokens/s
+3 layers (1 dense, 2 MoE), 4 experts per MoE layer, top-2.  Distributed layouts (``--variants``):
+``place=split`` (an MPMD launch) puts F fronts alone on the first GPUs and the 8 expert ranks on the
+rest (time-sliced), so every exchanging pair is on two GPUs and NCCL carries all of it;
+``place=shared`` binds all ranks round-robin over the 4 GPUs, a front and two experts per GPU, the
+pairs on one GPU exchanging through pinned host memory.  Reported: tokens/s
 of both runs and their ratio, end-to-end MFU (useful model flops over GPUs x the matrix-product peak
 measured in this run), busy fraction per rank (the runtime's host spans) and GPU utilisation
 (nvidia-smi, sampled over each scoring window), micro-batch latency p50/p99, and the agreement of the
@@ -258,8 +260,11 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch-tokens", type=int, default=2048)
     p.add_argument("--in-flight", type=int, default=4)
-    p.add_argument("--variants", default="fronts=2;fronts=2,in_flight=8;fronts=2,in_flight=8,thread=1",
-                   help="distributed runs, ';'-separated, each 'fronts=F,in_flight=N,thread=0|1'")
+    p.add_argument("--variants", default="fronts=2;fronts=3;fronts=4,place=shared;fronts=4,place=shared,in_flight=8",
+                   help="distributed runs, ';'-separated, each 'fronts=F,in_flight=N,thread=0|1,place=split|shared': "
+                        "split puts the fronts alone on the first GPUs (at most all but one) and the experts on "
+                        "the rest; shared binds every rank round-robin over every GPU (a front and some "
+                        "experts per GPU)")
     p.add_argument("--check-sequences", type=int, default=8, help="sequences compared against fp32")
     p.add_argument("--transport", default="auto")
     p.add_argument("--timeout", type=float, default=300)
@@ -304,36 +309,38 @@ def main() -> int:
               "--save-routing", "--no-progress", "--overwrite", "--seed", str(args.seed)]
     py = [sys.executable, "-m", "mpi4py", "-m", "moe_mpi", "score", str(inp)]
     n_experts = cfg.n_moe_layers * cfg.n_routed_experts
-    if n_gpus >= 2:
-        half = n_gpus // 2
-        front_gpus = ",".join(map(str, range(half)))
-        expert_gpus = ",".join(map(str, range(half, n_gpus)))
-        where = f"on GPU(s) {front_gpus}, {n_experts} experts on GPU(s) {expert_gpus} (MPMD launch, MOE_MPI_GPUS per group)"
-    else:
-        front_gpus = expert_gpus = "0" if n_gpus else ""
-        where = f"and {n_experts} experts on {'one GPU' if n_gpus else 'CPU processes'}"
 
     sampler = GpuSampler() if device.type == "cuda" else None
     launches = []   # (name, returncode, output file, time of its summary line, GPUs, trace, layout)
     for i, variant in enumerate(args.variants.split(";")):
         opts = dict(kv.split("=") for kv in variant.split(",") if kv)     # fronts=2,in_flight=8,thread=0
         F, in_flight = int(opts.get("fronts", 2)), int(opts.get("in_flight", args.in_flight))
-        thread = opts.get("thread", "0")
-        name = (f"distributed, {F} fronts" + (f", {in_flight} in flight" if in_flight != args.in_flight else "")
+        thread, place = opts.get("thread", "0"), opts.get("place", "split")
+        name = (f"distributed, {F} fronts" + (", GPUs shared" if place == "shared" else "")
+                + (f", {in_flight} in flight" if in_flight != args.in_flight else "")
                 + (", progress thread" if thread == "1" else ""))
         out, trace = work / f"dist{i}.h5", work / f"trace{i}.json"
         rest = [*common, "--front-ranks", str(F), "--transport", args.transport, "--trace", str(trace),
                 "--in-flight", str(in_flight)]
         envs = [f"MOE_MPI_PROGRESS_THREAD={thread}"]
-        cmd = [*mpiexec(), "-n", str(F), "env", f"MOE_MPI_GPUS={front_gpus}", *envs, *py, str(out), *rest,
-               ":", "-n", str(n_experts), "env", f"MOE_MPI_GPUS={expert_gpus}", *envs, *py, str(out), *rest]
-        if device.type == "cpu":
+        if device.type == "cpu" or n_gpus < 2 or place == "shared":
             cmd = [*mpiexec(), "-n", str(F + n_experts), "env", *envs, *py, str(out), *rest]
+            where = (f"{F} fronts and {n_experts} experts bound round-robin to GPUs 0-{n_gpus - 1} by rank "
+                     "(one launch; a front shares its GPU with experts, and those pairs exchange through "
+                     "pinned host memory)" if n_gpus else f"{F} fronts and {n_experts} experts on CPU processes")
+        else:
+            k = min(F, n_gpus - 1)
+            front_gpus = ",".join(map(str, range(k)))
+            expert_gpus = ",".join(map(str, range(k, n_gpus)))
+            cmd = [*mpiexec(), "-n", str(F), "env", f"MOE_MPI_GPUS={front_gpus}", *envs, *py, str(out), *rest,
+                   ":", "-n", str(n_experts), "env", f"MOE_MPI_GPUS={expert_gpus}", *envs, *py, str(out), *rest]
+            where = (f"{F} fronts on GPU(s) {front_gpus}, {n_experts} experts on GPU(s) {expert_gpus} "
+                     "(MPMD launch, MOE_MPI_GPUS per group)")
         print(f"{name}:", " ".join(cmd), flush=True)
         rc, t_end, log = run(cmd, env, work / f"dist{i}.log", args.timeout)
         print(log[-1500:], flush=True)
         launches.append((name, rc, out, t_end, max(n_gpus, 1), trace,
-                         f"{F} fronts {where}, {in_flight} micro-batches in flight per front, exchange progress "
+                         f"{where}, {in_flight} micro-batches in flight per front, exchange progress "
                          f"thread {'off' if thread == '0' else 'on'}"))
     single_out = work / "single.h5"
     single_env = dict(env, CUDA_VISIBLE_DEVICES="0") if device.type == "cuda" else env
@@ -398,6 +405,36 @@ def main() -> int:
     return 0 if all(rc == 0 for _, rc, *_ in launches) else 1
 
 
+def why(res: dict) -> list[str]:
+    """Where the best distributed run's time goes, in milliseconds per micro-batch, against the one-process
+    run, and what the MFU target asks of the speed-up."""
+    runs, best = res["runs"], res.get("best")
+    if not best or "one process" not in runs:
+        return []
+    one, r = runs["one process"], runs[best]
+    mb_tokens = res["micro_batch_tokens"]
+    n_mb = one["tokens"] / mb_tokens
+    t1 = 1e3 * one["elapsed_s"] / n_mb
+    out = [f"Why ({best}): one process takes {t1:.1f} ms per micro-batch of {mb_tokens} tokens (all layers and "
+           f"experts, MFU {one['mfu']:.3f}). End-to-end MFU = speed-up x one-process MFU / GPUs, so MFU 0.60 on "
+           f"{r['gpus']} GPUs needs a speed-up of {0.6 * r['gpus'] / one['mfu']:.2f}x, more than the GPUs' "
+           f"count unless the one-process MFU itself exceeds 0.60."]
+    cats = r.get("trace_seconds_by_category") or {}
+    fronts = {k: v for k, v in cats.items() if k.startswith("front")}
+    if fronts:
+        per = n_mb / len(fronts)      # micro-batches per front
+        rows = [{"rank": k, **{c: 1e3 * v.get(c, 0.0) / per for c in ("compute", "io", "send", "wait")}}
+                for k, v in fronts.items()]
+        busy = max(row["compute"] + row["io"] + row["send"] for row in rows)
+        out += ["", f"Per front, ms per micro-batch ({per:.0f} micro-batches each; 'compute' is host time "
+                    "between exchanges, including waits for the front's own GPU):", "",
+                md_table(rows, [("rank", "rank", "")] + [(c, c, ".1f") for c in ("compute", "io", "send", "wait")]),
+                "", f"The busiest front spends {busy:.1f} ms per micro-batch outside waits, so {len(fronts)} fronts "
+                    f"bound the run at {len(fronts) * t1 / busy:.2f}x the one-process rate; measured "
+                    f"{r.get('speedup', float('nan')):.2f}x."]
+    return out + [""]
+
+
 def report(res: dict, env: dict, args) -> str:
     runs = res["runs"]
     rows = []
@@ -432,6 +469,7 @@ def report(res: dict, env: dict, args) -> str:
         lines += [f"**Best distributed run ({res['best']}): {speed:.2f}x the one-process tokens/s** (target 3x: "
                   f"{'met' if speed >= 3 else f'missed by {3 - speed:.2f}x'}); its MFU {mfu:.3f} (target 0.60: "
                   f"{'met' if mfu >= 0.6 else f'missed by {0.6 - mfu:.3f}'}).", ""]
+    lines += why(res)
     for name, r in runs.items():
         if r.get("busy_fraction"):
             lines += [f"Busy fraction per rank, {name} (host time in compute and send spans / wall time; a front's "

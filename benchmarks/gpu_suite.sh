@@ -37,6 +37,6 @@ if [ "$NGPU" -ge 4 ]; then
 else
     echo "=== exchange: skipped, needs 4 GPUs (have $NGPU)"
 fi
-step e2e 200 $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90
+step e2e ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90
 step tests 150 $PY -m pytest -q tests/test_gpu.py -k "not on_cpu" -p no:cacheprovider
 ls -la "$WORK/results" "$OUT"

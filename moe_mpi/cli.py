@@ -64,9 +64,13 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--deadline", type=float, default=300.0, show_default=True,
               help="Seconds a rank may wait on an exchange before it aborts the job, naming its peers.")
+@click.option("--commit-interval", type=float, default=5.0, show_default=True,
+              help="Seconds between commits of finished sequences to OUT.h5.partial (flush + fsync); a job "
+                   "killed outright loses at most this much work, a signalled one none. 0: after every write.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def score(input_path, output_path, config, model, front_ranks, micro_batch_tokens, in_flight, dtype, device,
-          transport, save_hidden, save_routing, resume, overwrite, trace, seed, deadline, no_progress):
+          transport, save_hidden, save_routing, resume, overwrite, trace, seed, deadline, commit_interval,
+          no_progress):
     """Score IN.h5 (per-token log-probabilities) into OUT.h5, on one rank or under mpiexec."""
     from .runtime.job import ScoreOptions
     from .runtime.launch import launch
@@ -75,7 +79,7 @@ def score(input_path, output_path, config, model, front_ranks, micro_batch_token
                         front_ranks=front_ranks, micro_batch_tokens=micro_batch_tokens, in_flight=in_flight,
                         dtype=dtype, device=device, transport=transport, save_hidden=save_hidden,
                         save_routing=save_routing, resume=resume, overwrite=overwrite, trace=trace, seed=seed,
-                        deadline=deadline, progress=not no_progress)
+                        deadline=deadline, commit_interval=commit_interval, progress=not no_progress)
     sys.exit(launch(opts))
 
 

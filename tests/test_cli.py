@@ -141,6 +141,40 @@ def test_resume_of_half_done_output(tmp_path, tiny_input):
         assert np.array_equal(got[key], ref[key], equal_nan=True), key
 
 
+def test_commit_interval_defers_done_until_commit(tmp_path, tiny_input):
+    """With a commit interval, written sequences count as done only once committed: a kill between
+    commits leaves them not done (--resume recomputes them), and commit() or finish() records them."""
+    from moe_mpi.io.outputs import SeqResult, state_path
+    cfg = ModelConfig.load("tiny")
+    out_path = tmp_path / "o.h5"
+    spec = validate_input(str(tiny_input), cfg)
+    opts = ScoreOptions(input=str(tiny_input), output=str(out_path), config="tiny")
+    out = OutputFile.create(str(out_path), cfg, spec, opts.output_options())
+    out.commit_interval = 3600.0
+    rng = np.random.default_rng()
+    n = spec.n_seqs
+
+    def result(s):
+        return SeqResult(s, int(spec.lengths[s]), rng.standard_normal(int(spec.lengths[s])).astype(np.float32),
+                         None, None)
+
+    def committed():
+        with np.load(state_path(str(out_path))) as st:
+            return np.unpackbits(st["done"], count=n).astype(bool), st["expert_load"]
+
+    load = rng.integers(1, 9, size=(cfg.n_moe_layers, cfg.n_routed_experts))
+    out.write([result(0)], load)                        # the first write commits at once
+    done, got_load = committed()
+    assert done.tolist() == [True] + [False] * (n - 1) and np.array_equal(got_load, load)
+    out.write([result(1), result(2)], 2 * load)         # inside the interval: written, not committed
+    done, got_load = committed()
+    assert done.sum() == 1 and np.array_equal(got_load, load) and out.n_done == 3
+    out.commit()
+    done, got_load = committed()
+    assert done[:3].all() and done.sum() == 3 and np.array_equal(got_load, 3 * load)
+    out.close()
+
+
 def test_resume_refuses_other_settings(tmp_path, tiny_input):
     out = tmp_path / "o.h5"
     cfg = ModelConfig.load("tiny")

@@ -38,6 +38,7 @@ class ScoreOptions:
     trace: str | None = None
     seed: int = 0
     deadline: float = 300.0             # seconds an exchange may wait before the job is aborted
+    commit_interval: float = 5.0        # seconds between commits of finished sequences (0: every write)
     progress: bool = True
     transport: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -88,6 +89,8 @@ def prepare(opts: ScoreOptions, cfg: ModelConfig) -> tuple[Prepared, OutputFile]
     OutputError or WeightError with a message for the user; nothing is written before all pass."""
     if opts.micro_batch_tokens < 1:
         raise ValueError(f"--micro-batch-tokens must be >= 1, got {opts.micro_batch_tokens}")
+    if not opts.commit_interval >= 0:
+        raise ValueError(f"--commit-interval must be >= 0 seconds, got {opts.commit_interval}")
     spec = validate_input(opts.input, cfg)
     check_output_path(opts.output, opts.input, overwrite=opts.overwrite or opts.resume, resume=opts.resume)
     ck = checkpoint(opts)
@@ -97,6 +100,7 @@ def prepare(opts: ScoreOptions, cfg: ModelConfig) -> tuple[Prepared, OutputFile]
         out = OutputFile.reopen(opts.output, cfg, spec, opts.output_options())
     else:
         out = OutputFile.create(opts.output, cfg, spec, opts.output_options())
+    out.commit_interval = opts.commit_interval
     return Prepared(spec, out.done_mask()), out
 
 

@@ -131,6 +131,8 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
         except Exception as exc:
             exc.rank_role = role.describe(cfg)
             raise
+        if rank == 0 and control.stopping:
+            out.commit()
         if rank == 0 and control.stopping and not out.done.all():
             writer.close()
             done = int(out.done.sum())

@@ -34,6 +34,7 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
                                           desc="score", leave=False) as bar:
             for seqs in plan.per_front[0].values():
                 if interrupt is not None and interrupt.signum:
+                    out.commit()
                     raise Interrupted(Interrupted.message(interrupt.name, int(out.done.sum()),
                                                           prep.spec.n_seqs, opts.output))
                 batch = make_batch(reader, seqs, device)
