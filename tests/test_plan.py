@@ -175,6 +175,24 @@ def test_imbalance_uses_the_busiest_expert():
         analytic.plan(TINY, SEED, Layout(), expert_load=np.ones((3, 4)))
 
 
+def test_shared_cores_and_host_overhead_by_hand():
+    """On a CPU box all ranks' work shares the cores, and host_overhead scales that work: tiny, T=8, S=8,
+    unit hardware, one node.  Work per step = F x front + the experts' rows x 12,288 FLOP each."""
+    lay = Layout(front_ranks=2, micro_batch_tokens=8, in_flight=1, seq_len=8)
+    base = analytic.plan(TINY, unit_hardware(shared_cores=3, ranks_per_node=None), lay)
+    front = base.period_parts_s["front compute"]
+    experts = 2 * 8 * 2 * 2 * 12_288 / 1e6          # F*T*K rows in each of 2 MoE layers
+    assert base.period_parts_s["shared cores"] == pytest.approx((2 * front + experts) / 3)
+    slow = analytic.plan(TINY, unit_hardware(shared_cores=3, ranks_per_node=None, host_overhead=2.5), lay)
+    assert slow.period_parts_s["shared cores"] == pytest.approx(2.5 * (2 * front + experts) / 3)
+    assert slow.period_parts_s["front compute"] == pytest.approx(2.5 * front)
+    # Without shared cores (GPUs) the overhead is not applied: it is a property of oversubscribed hosts.
+    gpu = analytic.plan(TINY, unit_hardware(host_overhead=2.5), lay)
+    assert gpu.period_parts_s["front compute"] == pytest.approx(front)
+    with pytest.raises(ValueError, match="host_overhead must be a number >= 1"):
+        unit_hardware(host_overhead=0.5)
+
+
 # --- placements ---
 def test_alternative_placements():
     plans = analytic.placements(PAPER, SEED, Layout(front_ranks=1), [1, 2, 8, 3])

@@ -10,7 +10,6 @@ experts were spread over ranks nor on when their answers arrived.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,13 +58,35 @@ class Router(nn.Module):
         return weights_TK * cfg.routed_scaling_factor, ids_TK
 
 
-@dataclass(frozen=True)
 class DispatchPlan:
-    """Where each routed row goes; small enough to keep per micro-batch while it is in flight."""
-    order_N: torch.Tensor       # (N,) flat (token*K + slot) index of each row, grouped by expert
-    counts_E: torch.Tensor      # (E,) rows per expert, int64 on the CPU
-    n_tokens: int
-    top_k: int
+    """Where each routed row goes; small enough to keep per micro-batch while it is in flight.
+
+    The rows per expert are needed on the host (message sizes); on a GPU they are copied there without
+    waiting: ``ready()`` says whether the copy has landed, ``counts_E`` waits for it.  Until then the
+    host is free to queue other micro-batches' work, which a blocking copy would have drained."""
+
+    def __init__(self, order_N: torch.Tensor, counts_E: torch.Tensor, n_tokens: int, top_k: int):
+        self.order_N = order_N      # (N,) flat (token*K + slot) index of each row, grouped by expert
+        self.n_tokens, self.top_k = n_tokens, top_k
+        self._event = None
+        if counts_E.device.type == "cuda":
+            host = torch.empty(counts_E.shape, dtype=counts_E.dtype, pin_memory=True)
+            host.copy_(counts_E, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            counts_E = host
+        self._counts_E = counts_E
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    @property
+    def counts_E(self) -> torch.Tensor:
+        """(E,) rows per expert, int64 on the CPU."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._counts_E
 
     @property
     def token_N(self) -> torch.Tensor:
@@ -81,7 +102,9 @@ def plan_dispatch(ids_TK: torch.Tensor, n_experts: int) -> DispatchPlan:
     T, K = ids_TK.shape
     flat_N = ids_TK.reshape(-1)
     order_N = torch.sort(flat_N, stable=True).indices
-    counts_E = torch.bincount(flat_N, minlength=n_experts).cpu()
+    # not bincount: on a GPU it reads the largest id back to the host to size its output
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=flat_N.device).index_add_(
+        0, flat_N, torch.ones_like(flat_N))
     return DispatchPlan(order_N=order_N, counts_E=counts_E, n_tokens=T, top_k=K)
 
 

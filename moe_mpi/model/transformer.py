@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,17 +24,53 @@ from .layers import MLA, MLP, RMSNorm, rope_tables
 from .routing import DispatchPlan, Router, combine, permute, plan_dispatch
 
 
+def to_device(a, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without waiting for the device: through pinned memory on a GPU."""
+    t = torch.as_tensor(a)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Sequences padded to a common length S; positions at or after a sequence's length are padding."""
+    """Sequences padded to a common length S; positions at or after a sequence's length are padding.
+
+    The lengths are also kept on the host, so that the positions of real tokens are known there and
+    selecting them never waits for the device (a boolean mask would, to learn how many there are)."""
     lengths_B: torch.Tensor                 # (B,) int64
     tokens_BS: torch.Tensor | None = None   # (B, S) int64, or
     embeds_BSD: torch.Tensor | None = None  # (B, S, D) activations instead of tokens
+    lengths_host: np.ndarray | None = None  # (B,) the same lengths on the host, if known
+
+    @property
+    def S(self) -> int:
+        return (self.tokens_BS if self.tokens_BS is not None else self.embeds_BSD).shape[1]
 
     @property
     def valid_BS(self) -> torch.Tensor:
-        S = (self.tokens_BS if self.tokens_BS is not None else self.embeds_BSD).shape[1]
-        return torch.arange(S, device=self.lengths_B.device)[None, :] < self.lengths_B[:, None]
+        return torch.arange(self.S, device=self.lengths_B.device)[None, :] < self.lengths_B[:, None]
+
+    @cached_property
+    def host_lengths(self) -> np.ndarray:
+        if self.lengths_host is not None:
+            return np.asarray(self.lengths_host, dtype=np.int64)
+        return self.lengths_B.cpu().numpy().astype(np.int64)
+
+    @cached_property
+    def valid_T(self) -> torch.Tensor:
+        """(T,) flat indices b*S + t of the real tokens, in row-major order, on the batch's device."""
+        S, n = self.S, self.host_lengths
+        idx = (np.arange(S)[None, :] + S * np.arange(len(n))[:, None])[np.arange(S)[None, :] < n[:, None]]
+        return to_device(idx.astype(np.int64), self.lengths_B.device)
+
+    @cached_property
+    def scored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, t) of every scored position, 1 <= t < length, row-major, on the batch's device."""
+        S, n = self.S, self.host_lengths
+        b, t = np.nonzero((np.arange(S)[None, :] >= 1) & (np.arange(S)[None, :] < n[:, None]))
+        dev = self.lengths_B.device
+        return to_device(b.astype(np.int64), dev), to_device(t.astype(np.int64), dev)
 
 
 @dataclass(frozen=True)
@@ -99,7 +137,8 @@ class FrontModel(nn.Module):
             x_BSD = batch.embeds_BSD.to(self.dtype)
         S = x_BSD.shape[1]
         cos, sin = rope_tables(cfg, torch.arange(S, device=device))
-        valid_BS = batch.valid_BS
+        B, D = x_BSD.shape[0], x_BSD.shape[-1]
+        valid_T = batch.valid_T
         ids_per_layer, load_per_layer = [], []
 
         for i, layer in enumerate(m.layers):
@@ -109,15 +148,16 @@ class FrontModel(nn.Module):
                 x_BSD = x_BSD + layer.mlp(h_BSD)
                 continue
             # Only real tokens are routed: padding would cost expert work and skew expert_load.
-            h_TD = h_BSD[valid_BS]
+            h_TD = h_BSD.reshape(B * S, D).index_select(0, valid_T)
             weights_TK, ids_TK = layer.mlp.gate(h_TD)
             plan = plan_dispatch(ids_TK, cfg.n_routed_experts)
             y_ND = yield ExpertRequest(cfg.moe_index(i), permute(h_TD, plan), plan)
             moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
             if layer.mlp.shared_experts is not None:
                 moe_TD = moe_TD + layer.mlp.shared_experts(h_TD)
-            x_BSD = x_BSD.clone()
-            x_BSD[valid_BS] += moe_TD
+            x_TD = x_BSD.reshape(B * S, D).clone()    # x[valid] += moe, without a boolean mask
+            x_TD.index_copy_(0, valid_T, x_TD.index_select(0, valid_T) + moe_TD)
+            x_BSD = x_TD.view(B, S, D)
             ids_per_layer.append(ids_TK)
             load_per_layer.append(plan.counts_E)
 
@@ -134,9 +174,7 @@ class FrontModel(nn.Module):
         B, S = tokens_BS.shape
         out_BS = torch.full((B, S), float("nan"), dtype=torch.float32, device=hidden_BSD.device)
         # position t-1 predicts token t, for 1 <= t < length
-        pred_BS = torch.zeros_like(batch.valid_BS)
-        pred_BS[:, 1:] = batch.valid_BS[:, 1:]
-        b_idx, t_idx = pred_BS.nonzero(as_tuple=True)
+        b_idx, t_idx = batch.scored
         for lo in range(0, b_idx.numel(), rows_per_slice):
             b, t = b_idx[lo:lo + rows_per_slice], t_idx[lo:lo + rows_per_slice]
             logits = self.lm_head(hidden_BSD[b, t - 1]).float()

@@ -17,7 +17,7 @@ fixed cost per op.  Shape letters: F fronts, L_moe MoE layers, E experts, R expe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -140,6 +140,8 @@ def stage_times(cfg: ModelConfig, hw: Hardware, layout: Layout,
         moe[i] = cfg.is_moe_layer(i)
     stages[L] = t(costs.lm_head(cfg, T, b)) + (after_moe if L and cfg.is_moe_layer(L - 1) else 0.0)
 
+    if hw.shared_cores is not None:   # on shared cores a rank's compute costs host_overhead times its work
+        stages *= hw.host_overhead
     rows_LE = expert_rows(cfg, layout, expert_load)
     rows_LRk = rank_groups(rows_LE, k)
     rows_LR = rows_LRk.sum(axis=2)
@@ -150,7 +152,8 @@ def stage_times(cfg: ModelConfig, hw: Hardware, layout: Layout,
     rank_bytes = rows_LR * cfg.hidden_size * b + F * costs.COUNT_BYTES
     rank_xfer = rank_bytes / bw + F * hw.msg_overhead_s
     return Stages(front_stage_s=stages, moe_after_stage=moe, front_send_s=front_xfer, front_recv_s=front_xfer,
-                  rank_recv_s=rank_xfer, expert_rank_s=expert_time_s(cfg, hw, rows_LRk, b).sum(axis=2),
+                  rank_recv_s=rank_xfer, expert_rank_s=expert_time_s(cfg, hw, rows_LRk, b).sum(axis=2)
+                  * (hw.host_overhead if hw.shared_cores is not None else 1.0),
                   rank_send_s=rank_xfer.copy(), latency_s=latency, rows_LR=rows_LR, rows_LE=rows_LE)
 
 
@@ -320,3 +323,19 @@ def placements(cfg: ModelConfig, hw: Hardware, layout: Layout, experts_per_rank:
                      layout.dtype)
         out.append(plan(cfg, hw, lay, expert_load))
     return out
+
+
+def device_load_s(cfg: ModelConfig, hw: Hardware, layout: Layout, device_of_rank: list[int],
+                  expert_load: np.ndarray | None = None) -> dict[int, float]:
+    """Busy time per step of each device when several ranks share it (``device_of_rank[r]`` for every
+    rank: fronts first, then the expert ranks layer by layer).  A device runs one rank's kernels at a
+    time, so its ranks' device work adds up; the fixed per-op cost is the host's and is left out."""
+    world = layout.world_size(cfg)
+    if len(device_of_rank) != world:
+        raise ValueError(f"device_of_rank has {len(device_of_rank)} entries for a world of {world} ranks")
+    st = stage_times(cfg, replace(hw, op_overhead_us=0.0), layout, expert_load)
+    work = [float(st.front_stage_s.sum())] * layout.front_ranks + [float(x) for x in st.expert_rank_s.ravel()]
+    load: dict[int, float] = {}
+    for dev, w in zip(device_of_rank, work):
+        load[dev] = load.get(dev, 0.0) + w
+    return load

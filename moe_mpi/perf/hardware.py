@@ -43,6 +43,9 @@ class Hardware:
     msg_overhead_us: float = 0.5    # per-message injection cost: paid once per message, not overlapped
     # --- host ---
     shared_cores: int | None = None  # set on CPU boxes: all ranks of a node share this many cores
+    host_overhead: float = 1.0       # with shared_cores: CPU-seconds the runtime spends per CPU-second of
+                                     # modelled work (polling waits, context switches, small ops); measured
+                                     # from a run's CPU accounting by benchmarks/calibrate_cpu.py
     dtype: str = "bfloat16"          # the run's default dtype on this hardware
     note: str = ""
 
@@ -55,6 +58,8 @@ class Hardware:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"hardware {self.name!r}: {f} must be a number >= 0, got {v!r}")
+        if not (isinstance(self.host_overhead, (int, float)) and self.host_overhead >= 1):
+            raise ValueError(f"hardware {self.name!r}: host_overhead must be a number >= 1, got {self.host_overhead!r}")
         for f in ("mfu", "mem_bw_util"):
             if getattr(self, f) > 1:
                 raise ValueError(f"hardware {self.name!r}: {f} is a fraction in (0, 1], got {getattr(self, f)}")

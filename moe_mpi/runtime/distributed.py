@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,9 +31,9 @@ from ..config import ModelConfig
 from ..io.inputs import InputReader
 from ..model.transformer import FrontModel
 from ..model.weights import build_expert, build_front
-from ..parallel.partition import WorkPlan, make_plan
+from ..parallel.partition import WorkPlan
 from ..parallel.topology import Communicators, Layout, Role
-from .job import Prepared, ScoreOptions, checkpoint, make_batch, seq_results
+from .job import PendingResults, Prepared, ScoreOptions, checkpoint, make_batch
 from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
@@ -99,7 +99,9 @@ class MicroBatch:
     batch: object
     gen: object
     t_start: float
-    exchange: object = None
+    exchange: object = None     # posted: waiting for the experts' answers
+    request: object = None      # routed: waiting for its rows per expert to reach the host
+    finishing: object = None    # done: waiting for its outputs to reach the host
     layer: int = -1
 
 
@@ -146,30 +148,51 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     waiter = Waiter(ctx)  # the deadline counts from here, not from start-up
 
     def advance(mb: MicroBatch, y) -> bool:
-        """Compute until the micro-batch's next MoE layer (posting its exchange) or its end."""
+        """Compute until the micro-batch's next MoE layer or its end, then post its exchange or deliver
+        its results if the device has got that far (else a later poll does).  True once delivered."""
         with ctx.rec.span(f"compute mb{mb.step}", "compute", step=mb.step, after_layer=mb.layer):
+            mb.exchange = None
             try:
-                req = mb.gen.send(y)
+                mb.request = mb.gen.send(y)
+                mb.layer = mb.request.moe_layer
             except StopIteration as stop:
-                results = seq_results(front, mb.batch, mb.seqs, stop.value, save_hidden=opts.save_hidden,
-                                      save_routing=opts.save_routing)
-                load = stop.value.expert_load_LE.numpy()
-                req = None
-        if req is None:
-            ctx.rec.latencies.append(time.perf_counter() - mb.t_start)
-            if writer is not None:
-                writer.write(results, load)
-            else:
-                with ctx.rec.span(f"results mb{mb.step}", "send", step=mb.step):
-                    sends.append(world.isend(("result", (results, load)), dest=0, tag=RESULT_TAG))
-            return True
+                mb.finishing = PendingResults(front, mb.batch, mb.seqs, stop.value, save_hidden=opts.save_hidden,
+                                              save_routing=opts.save_routing)
+        if mb.request is not None:
+            post(mb)
+            return False
+        return deliver(mb)
+
+    def post(mb: MicroBatch) -> bool:
+        req = mb.request
+        if not req.plan.ready():
+            return False
         with ctx.rec.span(f"dispatch mb{mb.step} L{req.moe_layer}", "send", step=mb.step, layer=req.moe_layer):
-            mb.layer = req.moe_layer
             mb.exchange = ctx.transport.dispatch(req.moe_layer, mb.step, req.x_ND, req.plan.offsets)
-        return False
+            mb.request = None
+        return True
+
+    def deliver(mb: MicroBatch) -> bool:
+        if not mb.finishing.ready():
+            return False
+        results, load = mb.finishing.get(), mb.finishing.load
+        mb.finishing = None
+        ctx.rec.latencies.append(time.perf_counter() - mb.t_start)
+        if writer is not None:
+            writer.write(results, load)
+        else:
+            with ctx.rec.span(f"results mb{mb.step}", "send", step=mb.step):
+                sends.append(world.isend(("result", (results, load)), dest=0, tag=RESULT_TAG))
+        return True
 
     def pending() -> list[str]:
-        return [p for mb in active for p in mb.exchange.pending()]
+        out = []
+        for mb in active:
+            if mb.exchange is not None:
+                out += mb.exchange.pending()
+            else:
+                out.append(f"this front's {ctx.device} to finish micro-batch step {mb.step}")
+        return out
 
     next_step, admitted_upto, control = 0, 0, ctx.control
     with torch.inference_mode():
@@ -190,7 +213,13 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
                     active.append(mb)
                 progressed = True
             for mb in list(active):
-                if mb.exchange.test():
+                if mb.request is not None:
+                    progressed |= post(mb)
+                elif mb.finishing is not None:
+                    if deliver(mb):
+                        active.remove(mb)
+                        progressed = True
+                elif mb.exchange.test():
                     if advance(mb, mb.exchange.result()):
                         active.remove(mb)
                     progressed = True

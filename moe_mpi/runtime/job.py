@@ -14,7 +14,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..io.inputs import InputReader, InputSpec, validate_input
 from ..io.outputs import OutputFile, OutputOptions, SeqResult, check_output_path
-from ..model.transformer import Batch, FrontModel, FrontResult
+from ..model.transformer import Batch, FrontModel, FrontResult, to_device
 from ..model.weights import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -137,27 +137,59 @@ def verify_checkpoint(ck: Checkpoint, cfg: ModelConfig) -> None:
 
 def make_batch(reader: InputReader, seqs: np.ndarray, device: torch.device) -> Batch:
     data, lengths = reader.read(seqs)
+    host = lengths.numpy().astype(np.int64)
     if reader.spec.mode == "tokens":
-        return Batch(lengths.to(device), tokens_BS=data.to(device))
-    return Batch(lengths.to(device), embeds_BSD=data.to(device))
+        return Batch(to_device(lengths, device), tokens_BS=to_device(data, device), lengths_host=host)
+    return Batch(to_device(lengths, device), embeds_BSD=to_device(data, device), lengths_host=host)
+
+
+class PendingResults:
+    """A finished micro-batch's outputs on their way to the host.  On a GPU the copies run behind the
+    queued work: ``ready()`` says whether they have landed, ``get()`` waits for them and splits them
+    into per-sequence rows for the output file."""
+
+    def __init__(self, front: FrontModel, batch: Batch, seqs: np.ndarray, res: FrontResult, *,
+                 save_hidden: bool, save_routing: bool):
+        self.seqs, self.lengths = seqs, batch.host_lengths
+        self.load = res.expert_load_LE.numpy()
+        dev = {}
+        if batch.tokens_BS is not None:
+            dev["logprobs"] = front.logprobs(res.hidden_BSD, batch)
+        if save_hidden or batch.tokens_BS is None:
+            dev["hidden"] = res.hidden_BSD.float()
+        if save_routing and res.expert_ids_LTK:
+            dev["ids"] = torch.stack(res.expert_ids_LTK).to(torch.int16)      # (L, T, K)
+        self.event = None
+        if res.hidden_BSD.device.type == "cuda":
+            self.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                         for k, v in dev.items()}
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = dev
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def get(self) -> list[SeqResult]:
+        if self.event is not None:
+            self.event.synchronize()
+        h = {k: v.numpy() for k, v in self.host.items()}
+        logprobs, hidden, ids = h.get("logprobs"), h.get("hidden"), None
+        if "ids" in h:
+            starts = np.concatenate([[0], np.cumsum(self.lengths)])
+            ids = [h["ids"][:, starts[b]:starts[b + 1]] for b in range(len(self.seqs))]
+        return [SeqResult(seq=int(s), length=int(n),
+                          token_logprobs=None if logprobs is None else logprobs[b, :n],
+                          hidden=None if hidden is None else hidden[b, :n],
+                          expert_ids=None if ids is None else ids[b])
+                for b, (s, n) in enumerate(zip(self.seqs, self.lengths))]
 
 
 def seq_results(front: FrontModel, batch: Batch, seqs: np.ndarray, res: FrontResult, *,
                 save_hidden: bool, save_routing: bool) -> list[SeqResult]:
-    """Split a micro-batch's result into per-sequence rows for the output file."""
-    lengths = batch.lengths_B.cpu().numpy()
-    logprobs = front.logprobs(res.hidden_BSD, batch).cpu().numpy() if batch.tokens_BS is not None else None
-    hidden = res.hidden_BSD.float().cpu().numpy() if (save_hidden or batch.tokens_BS is None) else None
-    ids = None
-    if save_routing and res.expert_ids_LTK:
-        ids_LTK = torch.stack(res.expert_ids_LTK).to(torch.int16).cpu().numpy()   # (L, T, K)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        ids = [ids_LTK[:, starts[b]:starts[b + 1]] for b in range(len(seqs))]
-    return [SeqResult(seq=int(s), length=int(n),
-                      token_logprobs=None if logprobs is None else logprobs[b, :n],
-                      hidden=None if hidden is None else hidden[b, :n],
-                      expert_ids=None if ids is None else ids[b])
-            for b, (s, n) in enumerate(zip(seqs, lengths))]
+    """Split a micro-batch's result into per-sequence rows for the output file (waits for the device)."""
+    return PendingResults(front, batch, seqs, res, save_hidden=save_hidden, save_routing=save_routing).get()
 
 
 def run_attributes(opts: ScoreOptions, cfg: ModelConfig, *, world_size: int, mpi_version: str,

@@ -13,7 +13,6 @@ import time
 import traceback
 
 import numpy as np
-import torch
 
 from ..io.inputs import InputError
 from ..io.outputs import OutputError

@@ -1,0 +1,182 @@
+"""The performance model against the 4-GPU paper-width slice: calibrate a hardware profile from the GPU
+benchmarks' own measurements, predict every distributed run of ``gpu_end_to_end``, compare.
+
+    python benchmarks/validate_gpu.py                 # reads benchmarks/results/gpu_*_<card>.json
+    python benchmarks/validate_gpu.py --card nvidia-h200
+
+Runs on any machine: it only reads results files.  The profile (``results/gpu_hardware_<card>.json``,
+which ``moe-mpi plan --hardware`` accepts) takes, all from the GPU results files:
+
+* ``peak_tflops``: the matrix-product peak measured in the end-to-end run;
+* ``mfu``: the expert MLP's rate at the rows an expert gets per step (``gpu_expert_mlp``) / its peak;
+* ``mem_bw_tbs``, ``mem_bw_util``: the measured copy bandwidth, and the share of it the expert reaches
+  at one token (weights streamed);
+* ``intra_gbs``, ``msg_overhead_us``: our NCCL transport's bandwidth per GPU at the slice's micro-batch
+  and the host time to post one NCCL send and one receive (``gpu_exchange``);
+* ``op_overhead_us``: the host time per kernel, fitted so the model's one-process time per
+  micro-batch equals the one-process run's (the only number taken from the end-to-end file besides the
+  peak).  The distributed runs are then predicted, never fitted.
+
+The prediction is the plan's cycle (its busiest server, or Little's law with the micro-batches in flight)
+and, because ranks share GPUs here (8 expert ranks on 1-2 GPUs, or a front and two experts per GPU), the
+busiest GPU's device work per step (``analytic.device_load_s``), whichever is longer.
+Writes ``results/validation_gpu_<card>.md`` and ``.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import RESULTS, md_table  # noqa: E402
+from moe_mpi.config import ModelConfig  # noqa: E402
+from moe_mpi.perf import analytic, costs, hardware  # noqa: E402
+from moe_mpi.perf.analytic import Layout  # noqa: E402
+
+
+def load(name: str, card: str, where: Path) -> dict:
+    path = where / f"{name}_{card}.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: missing; run benchmarks/gpu_suite.sh on a GPU machine first")
+    return json.loads(path.read_text())
+
+
+def expert_rate(mlp: dict, rows: float) -> tuple[float, float]:
+    """(TFLOP/s, GB/s) of the runtime's expert at the measured size nearest ``rows``."""
+    got = [r for r in mlp["rows"] if r["variant"] == "runtime"]
+    near = min(got, key=lambda r: abs(np.log(r["tokens"]) - np.log(max(rows, 1))))
+    one = min(got, key=lambda r: r["tokens"])
+    return near["tflops"], one["gbps"]
+
+
+def exchange_rate(xch: dict, tokens: int) -> tuple[float, float]:
+    """(GB/s per GPU of our NCCL transport at the micro-batch nearest ``tokens``, host us per message)."""
+    got = [r for r in xch["results"] if r["transport"] == "nccl"]
+    near = min(got, key=lambda r: abs(r["tokens"] - tokens))
+    post = xch["post_overhead_us"]
+    return near["gbps_per_gpu"], post["nccl_send_post_us"] + post["nccl_recv_post_us"]
+
+
+def one_process_s(cfg: ModelConfig, hw: hardware.Hardware, T: int, S: int) -> tuple[float, int]:
+    """The model's time for one micro-batch in one process (front work, then every expert of every MoE
+    layer on its rows, nothing sent), and the kernels it launches."""
+    st = analytic.stage_times(cfg, hw, Layout(1, T, 1, S))
+    b = hardware.DTYPE_BYTES[hw.dtype]
+    ops = sum(p.n_ops for p in (costs.attention(cfg, T, S, b), costs.embed(cfg, T, b), costs.lm_head(cfg, T, b)))
+    ops = (cfg.num_hidden_layers - 1) * costs.attention(cfg, T, S, b).n_ops + ops
+    ops += (cfg.num_hidden_layers - cfg.n_moe_layers) * costs.dense_mlp(cfg, T, b).n_ops
+    ops += cfg.n_moe_layers * (costs.router(cfg, T, b).n_ops + costs.combine(cfg, T, b).n_ops
+                               + costs.shared_experts(cfg, T, b).n_ops
+                               + cfg.n_routed_experts * costs.expert(cfg, 1.0, b).n_ops)
+    return float(st.front_stage_s.sum() + st.expert_rank_s.sum()), ops
+
+
+def placement(name: str, F: int, n_experts: int, n_gpus: int) -> list[int]:
+    """GPU of every rank (fronts first) as gpu_end_to_end launched it."""
+    if "GPUs shared" in name:
+        return [r % n_gpus for r in range(F + n_experts)]
+    k = min(F, n_gpus - 1)
+    return [f % k for f in range(F)] + [k + e % (n_gpus - k) for e in range(n_experts)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--card", default="nvidia-h200")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    where = Path(args.results)
+    e2e, mlp, xch = (load(n, args.card, where) for n in ("gpu_end_to_end", "gpu_expert_mlp", "gpu_exchange"))
+    cfg = ModelConfig.from_dict(e2e["config"], e2e["config"].get("name", "paper-slice"))
+    T, S = e2e["micro_batch_tokens"], e2e["seq_len"]
+    n_gpus = e2e["environment"].get("gpus_visible", 4) if "environment" in e2e else 4
+    peak = float(np.mean(list(e2e["peak_tflops_per_gpu"].values())))
+    rows = T * cfg.num_experts_per_tok / cfg.n_routed_experts          # per expert per step, one front
+    tflops, gbps_1 = expert_rate(mlp, rows)
+    link_gbs, post_us = exchange_rate(xch, T)
+    profile = {"name": f"gpu-calibrated-{args.card}", "base": "h200", "peak_tflops": round(peak, 1),
+               "mfu": round(min(1.0, tflops / peak), 4), "mem_bw_tbs": round(mlp["copy"]["gbps"] / 1e3, 4),
+               "mem_bw_util": round(min(1.0, gbps_1 / mlp["copy"]["gbps"]), 4), "ranks_per_node": None,
+               "intra_gbs": round(link_gbs, 2), "msg_overhead_us": round(post_us, 1), "op_overhead_us": 0.0,
+               "dtype": "bfloat16"}
+    hw0 = hardware.from_dict(profile, profile["name"])
+    one = e2e["runs"]["one process"]
+    n_mb = one["tokens"] / T
+    meas_one = one["elapsed_s"] / n_mb
+    base_one, ops = one_process_s(cfg, hw0, T, S)
+    profile["op_overhead_us"] = round(max(0.0, (meas_one - base_one) / ops * 1e6), 2)
+    profile["_comment"] = (
+        f"calibrated by benchmarks/validate_gpu.py from gpu_end_to_end/gpu_expert_mlp/gpu_exchange_{args.card}.json: "
+        f"peak = end-to-end run's matmul peak; mfu = runtime expert at {rows:.0f} rows ({tflops:.0f} TFLOP/s) / "
+        f"peak; mem_bw = copy bandwidth, util = expert at 1 token; intra_gbs = our NCCL transport per GPU at "
+        f"{T} tokens; msg_overhead = NCCL send + receive post; op_overhead fitted to the one-process run "
+        f"({1e3 * meas_one:.2f} ms per micro-batch against {1e3 * base_one:.2f} ms of roofline over {ops} kernels)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hw_path = out / f"gpu_hardware_{args.card}.json"
+    hw_path.write_text(json.dumps(profile, indent=2) + "\n")
+    hw = hardware.load(hw_path)
+
+    table = []
+    n_experts = cfg.n_moe_layers * cfg.n_routed_experts
+    for name, r in e2e["runs"].items():
+        m = re.match(r"distributed, (\d+) fronts", name)
+        if not m:
+            continue
+        F = int(m.group(1))
+        M = int(re.search(r"(\d+) in flight", name).group(1)) if "in flight" in name else e2e["in_flight"]
+        lay = Layout(F, T, M, S)
+        pl = analytic.plan(cfg, hw, lay)
+        dev = analytic.device_load_s(cfg, hw, lay, placement(name, F, n_experts, n_gpus))
+        busiest = max(dev, key=dev.get)
+        cycle = max(pl.cycle_s, dev[busiest])
+        why = pl.bottleneck if pl.cycle_s >= dev[busiest] else f"GPU {busiest} shared by its ranks"
+        if pl.cycle_s >= dev[busiest] and pl.cycle_s > pl.period_s:
+            why = f"in flight ({M} micro-batches per front)"
+        pred_tps, pred_lat = F * T / cycle, M * cycle
+        meas_lat = r.get("latency_p50_ms", float("nan")) / 1e3
+        table.append({"run": name, "F": F, "M": M, "pred_tps": pred_tps, "meas_tps": r["tokens_per_s"],
+                      "err_tps": 100 * (pred_tps - r["tokens_per_s"]) / r["tokens_per_s"],
+                      "pred_lat": pred_lat, "meas_lat": meas_lat, "err_lat": 100 * (pred_lat - meas_lat) / meas_lat,
+                      "bound": why, "front_ms": 1e3 * pl.period_parts_s["front compute"],
+                      "gpu_ms": 1e3 * dev[busiest]})
+    cols = [("run", "run", ""), ("pred_tps", "model tokens/s", ".0f"), ("meas_tps", "measured", ".0f"),
+            ("err_tps", "error %", "+.0f"), ("pred_lat", "model latency (s)", ".3f"),
+            ("meas_lat", "measured p50 (s)", ".3f"), ("err_lat", "error %", "+.0f"),
+            ("front_ms", "model front ms / micro-batch", ".1f"), ("gpu_ms", "busiest GPU ms / step", ".1f"),
+            ("bound", "model's bound", "")]
+    ok = [abs(t["err_tps"]) <= 25 for t in table]
+    lines = [f"# Performance model vs the 4-GPU paper-width slice ({e2e['environment']['card']})", "",
+             f"Profile `{hw_path.name}` (from the GPU results files; `moe-mpi plan --hardware "
+             f"benchmarks/results/{hw_path.name}` takes it): `{json.dumps({k: v for k, v in profile.items() if k != '_comment'})}`.",
+             "", profile["_comment"] + ".", "",
+             f"One process, one micro-batch of {T} tokens: model {1e3 * base_one:.2f} ms of device roofline + "
+             f"{ops} kernels x {profile['op_overhead_us']:.1f} us = {1e3 * meas_one:.2f} ms, the measured time "
+             "(this is the fit).", "",
+             "Each distributed run of `gpu_end_to_end` predicted with `analytic.plan` (the `moe-mpi plan` model) "
+             "and the device load of the GPU its ranks share (`analytic.device_load_s`):", "",
+             md_table(table, cols), "",
+             f"Throughput within 25%: {sum(ok)} of {len(ok)} runs. Latency is the model's M x cycle against the "
+             "measured median."]
+    lines += ["", "Left out of the model, and seen in the runs' traces (gpu_end_to_end_*.md): the fronts' host "
+                  "time outside kernels other than the fitted per-kernel cost (reading inputs, results to rank 0, "
+                  "the writer on front 0), GPU time-slicing between processes (the model adds the ranks' device "
+                  "work as if they ran back to back), and NCCL kernels that occupy a GPU while they wait for "
+                  "their peer."]
+    text = "\n".join(lines) + "\n"
+    (out / f"validation_gpu_{args.card}.md").write_text(text)
+    (out / f"validation_gpu_{args.card}.json").write_text(json.dumps({"profile": profile, "runs": table}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
