@@ -45,8 +45,17 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_tables(cfg: ModelConfig, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every rotary pair at the given positions, each (S, rope_dim / 2), fp32."""
+def rope_tables(cfg: ModelConfig, positions_S: torch.Tensor,
+                frequencies: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every rotary pair at the given positions, each (S, rope_dim / 2), fp32.
+    ``frequencies``: ``rope_frequencies(cfg)`` already on the positions' device, to skip the copy."""
+    inv_freq, attention_factor = frequencies or rope_frequencies(cfg)
+    angles = positions_S.float()[:, None] * inv_freq.to(positions_S.device)[None, :]
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """(inverse frequency of every rotary pair, fp32 on the CPU; attention scale), YaRN included."""
     dim = cfg.qk_rope_head_dim
     base = cfg.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
@@ -75,8 +84,7 @@ def rope_tables(cfg: ModelConfig, positions_S: torch.Tensor) -> tuple[torch.Tens
         ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp  # 1: keep the original frequency (high-frequency dims)
         inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
-    angles = positions_S.float()[:, None] * inv_freq.to(positions_S.device)[None, :]
-    return angles.cos() * attention_factor, angles.sin() * attention_factor
+    return inv_freq, attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLA, MLP, RMSNorm, rope_tables
+from .layers import MLA, MLP, RMSNorm, rope_frequencies, rope_tables
 from .routing import DispatchPlan, Router, combine, permute, plan_dispatch
 
 
@@ -128,6 +128,15 @@ class FrontModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def _rope_frequencies(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """RoPE's frequencies on ``device``, copied there once (a copy from pageable memory waits for
+        the device, which would stall the micro-batches already queued)."""
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        if device not in cache:
+            inv_freq, scale = rope_frequencies(self.cfg)
+            cache[device] = (inv_freq.to(device), scale)
+        return cache[device]
+
     def forward_steps(self, batch: Batch) -> Generator[ExpertRequest, torch.Tensor, FrontResult]:
         cfg, m = self.cfg, self.model
         device = self.lm_head.weight.device
@@ -136,7 +145,7 @@ class FrontModel(nn.Module):
         else:
             x_BSD = batch.embeds_BSD.to(self.dtype)
         S = x_BSD.shape[1]
-        cos, sin = rope_tables(cfg, torch.arange(S, device=device))
+        cos, sin = rope_tables(cfg, torch.arange(S, device=device), self._rope_frequencies(device))
         B, D = x_BSD.shape[0], x_BSD.shape[-1]
         valid_T = batch.valid_T
         ids_per_layer, load_per_layer = [], []
