@@ -260,8 +260,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch-tokens", type=int, default=2048)
     p.add_argument("--in-flight", type=int, default=4)
-    p.add_argument("--variants", default="fronts=2;fronts=3;fronts=3,in_flight=8;fronts=4,place=shared,in_flight=8;"
-                                         "fronts=4,place=shared,in_flight=16",
+    p.add_argument("--variants", default="fronts=2;fronts=2,in_flight=8;fronts=3;fronts=4,place=shared,in_flight=8",
                    help="distributed runs, ';'-separated, each 'fronts=F,in_flight=N,thread=0|1,place=split|shared': "
                         "split puts the fronts alone on the first GPUs (at most all but one) and the experts on "
                         "the rest; shared binds every rank round-robin over every GPU (a front and some "

@@ -68,7 +68,7 @@ class DispatchPlan:
     def __init__(self, order_N: torch.Tensor, counts_E: torch.Tensor, n_tokens: int, top_k: int):
         self.order_N = order_N      # (N,) flat (token*K + slot) index of each row, grouped by expert
         self.n_tokens, self.top_k = n_tokens, top_k
-        self._event = None
+        self._event = self.event = None
         if counts_E.device.type == "cuda":
             host = torch.empty(counts_E.shape, dtype=counts_E.dtype, pin_memory=True)
             host.copy_(counts_E, non_blocking=True)
@@ -76,6 +76,13 @@ class DispatchPlan:
             self._event.record()
             counts_E = host
         self._counts_E = counts_E
+
+    def record(self) -> None:
+        """Move the plan's event to the compute stream's position now: the rows for the experts,
+        computed after the plan, are then ready when the event is (``event`` for the transports)."""
+        if self._event is not None:
+            self._event.record()
+        self.event = self._event
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()

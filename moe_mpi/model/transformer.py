@@ -160,7 +160,9 @@ class FrontModel(nn.Module):
             h_TD = h_BSD.reshape(B * S, D).index_select(0, valid_T)
             weights_TK, ids_TK = layer.mlp.gate(h_TD)
             plan = plan_dispatch(ids_TK, cfg.n_routed_experts)
-            y_ND = yield ExpertRequest(cfg.moe_index(i), permute(h_TD, plan), plan)
+            x_ND = permute(h_TD, plan)
+            plan.record()
+            y_ND = yield ExpertRequest(cfg.moe_index(i), x_ND, plan)
             moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
             if layer.mlp.shared_experts is not None:
                 moe_TD = moe_TD + layer.mlp.shared_experts(h_TD)

@@ -194,7 +194,7 @@ class MPITransport:
         return t.cpu()
 
     # --- front side ---
-    def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> FrontExchange:
+    def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> FrontExchange:
         comm, tag = self.comms[layer], step % TAG_MOD
         x_ND = self._ready(x_ND)
         y_ND = torch.empty_like(x_ND)
@@ -255,8 +255,9 @@ class Op:
 class OpExchange:
     """A front's dispatch: sends and reply receives; ``result()`` is the (N, D) answers on the device."""
 
-    def __init__(self, transport: "OpTransport", ops: list[Op], recvs: list[Op], y_ND: torch.Tensor):
-        self.transport, self.ops, self.recvs, self.y_ND = transport, ops, recvs, y_ND
+    def __init__(self, transport: "OpTransport", ops: list[Op], recvs: list[Op], y_ND: torch.Tensor,
+                 fresh: bool = False):
+        self.transport, self.ops, self.recvs, self.y_ND, self.fresh = transport, ops, recvs, y_ND, fresh
 
     def test(self) -> bool:
         self.transport.progress()
@@ -265,6 +266,8 @@ class OpExchange:
     def result(self) -> torch.Tensor:
         for op in self.recvs:
             op.wait()
+        if self.fresh:      # from another stream's pool, used on the compute stream from now on
+            self.y_ND.record_stream(torch.cuda.current_stream(self.y_ND.device))
         return self.y_ND
 
     def pending(self) -> list[str]:
@@ -369,24 +372,30 @@ class OpTransport:
         return op
 
     # --- front side ---
-    def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> OpExchange:
+    def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
+        """``ready``: a CUDA event after which x_ND is computed (else: the compute stream's work so far)."""
         with self.lock:
-            return self._dispatch(layer, step, x_ND, offsets)
+            return self._dispatch(layer, step, x_ND, offsets, ready)
 
-    def _dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int]) -> OpExchange:
+    def _dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
         comm, n_experts = self.comms[layer], len(offsets) - 1
         x_ND = x_ND.contiguous()
-        y_ND = torch.empty_like(x_ND)
+        channels = [self.channel(comm, self.n_fronts + e) for e in range(n_experts)]
+        # Answers land in a buffer that needs no wait for the compute stream when every channel can give
+        # one (NCCL's stream pool); else in one from the compute stream, taken after its queued work.
+        fresh = x_ND.is_cuda and all(hasattr(ch, "empty") for ch in channels)
+        y_ND = channels[0].empty(x_ND.shape[0]) if fresh else torch.empty_like(x_ND)
         ops, recvs = [], []
-        for e in range(n_experts):
+        for e, ch in enumerate(channels):
             lo, hi = offsets[e], offsets[e + 1]
             dest = self.n_fronts + e
             peer = (f"rank {self.n_fronts + layer * n_experts + e} (expert {e} of MoE layer {layer}), "
                     f"micro-batch step {step}")
-            ch = self.channel(comm, dest)
-            recvs.append(self._start(ch.recv(comm, dest, step, out=y_ND[lo:hi], what="reply from " + peer)))
-            ops.append(self._start(ch.send(comm, dest, step, x_ND[lo:hi], sized=True, what="send to " + peer)))
-        return OpExchange(self, ops + recvs, recvs, y_ND)
+            recvs.append(self._start(ch.recv(comm, dest, step, out=y_ND[lo:hi], what="reply from " + peer,
+                                             fresh=fresh)))
+            ops.append(self._start(ch.send(comm, dest, step, x_ND[lo:hi], sized=True, what="send to " + peer,
+                                           ready=ready)))
+        return OpExchange(self, ops + recvs, recvs, y_ND, fresh)
 
     # --- expert side ---
     def expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
@@ -446,11 +455,11 @@ class StagedChannel:
     def chunks(self, rows: int) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.rows_per_chunk, rows)) for lo in range(0, rows, self.rows_per_chunk)]
 
-    def send(self, comm, peer: int, step: int, x: torch.Tensor, *, sized: bool, what: str) -> Op:
+    def send(self, comm, peer: int, step: int, x: torch.Tensor, *, sized: bool, what: str, ready=None) -> Op:
         return StagedSend(self, comm, peer, step % TAG_MOD, x, sized, what)
 
     def recv(self, comm, peer: int, step: int, *, out: torch.Tensor | None = None, cap: int | None = None,
-             what: str) -> Op:
+             what: str, fresh: bool = False) -> Op:
         return StagedRecv(self, comm, peer, step % TAG_MOD, out, cap, what)
 
 

@@ -121,7 +121,8 @@ class Net:
             buf = as_bytes(x)
             return MPIPayload(self.world.Isend([buf, MPI.BYTE], dest=dst, tag=MPIPayload.TAG), buf)
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
+            if ready is not None:
+                self.stream.wait_event(ready)
             return dist.isend(x, dst=dst, group=self.groups[(self.me, dst)])
 
     def irecv(self, out: torch.Tensor, src: int, ready):
@@ -129,8 +130,18 @@ class Net:
             buf = as_bytes(out)
             return MPIPayload(self.world.Irecv([buf, MPI.BYTE], source=src, tag=MPIPayload.TAG), buf)
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
+            if ready is not None:      # None: ``out`` was allocated on this stream, nothing to wait for
+                self.stream.wait_event(ready)
             return dist.irecv(out, src=src, group=self.groups[(src, self.me)])
+
+    def empty(self, rows: int) -> torch.Tensor:
+        """A receive buffer from this stream's memory pool: free for a receive at once, where one taken
+        on the compute stream would first wait for all compute queued there."""
+        t = self.t
+        if self.stream is None:
+            return torch.empty(rows, t.hidden, dtype=t.dtype, device=t.device)
+        with torch.cuda.stream(self.stream):
+            return torch.empty(rows, t.hidden, dtype=t.dtype, device=t.device)
 
     def _peers(self) -> set[int]:
         """World ranks this rank exchanges rows with: a front, every expert; an expert, every front."""
@@ -222,13 +233,14 @@ class Net:
 
 
 class Send(Op):
-    def __init__(self, net: Net, comm, peer: int, step: int, x: torch.Tensor, what: str):
+    def __init__(self, net: Net, comm, peer: int, step: int, x: torch.Tensor, what: str, ready=None):
         self.net, self.comm, self.peer, self.what, self.x = net, comm, peer, what, x
         rows = x.shape[0]
         self.control = np.array([step, rows], dtype=np.int64)
         self.reqs = [comm.Isend([self.control, MPI.INT64_T], dest=peer, tag=CONTROL_TAG)]
         self.work, self.launched = None, rows == 0
-        self.ready = net.ready() if rows else None     # x is computed once the compute stream gets here
+        # x is computed once the compute stream gets here, or where the caller's event says
+        self.ready = (ready or net.ready()) if rows else None
         if rows and peer < net.t.n_fronts:
             net.await_go(comm, peer, step, self)
         elif rows:
@@ -245,11 +257,12 @@ class Send(Op):
 
 class Recv(Op):
     def __init__(self, net: Net, comm, peer: int, step: int, out: torch.Tensor | None, cap: int | None,
-                 what: str):
+                 what: str, fresh: bool = False):
         self.net, self.comm, self.peer, self.step, self.what = net, comm, peer, step, what
         self.out, self.cap = out, cap
         self.work, self.reqs, self.arrived = None, [], False
-        self.ready = net.ready() if out is not None else None   # out is free once the compute stream gets here
+        # out is free once the compute stream gets here, unless it is fresh from the NCCL stream's pool
+        self.ready = net.ready() if out is not None and not fresh else None
         net.await_control(comm, peer, step, self)
 
     def on_control(self, rows: int) -> None:
@@ -259,8 +272,7 @@ class Recv(Op):
             raise RuntimeError(f"{self.what}: {rows} rows announced, at most {self.cap} expected")
         t = self.net.t
         if self.out is None:
-            self.out = torch.empty(rows, t.hidden, dtype=t.dtype, device=t.device)
-            self.ready = self.net.ready()
+            self.out, self.ready, self.own = self.net.empty(rows), None, True
         if rows:
             self.work = self.net.irecv(self.out, self.net.world_rank(self.comm, self.peer), self.ready)
             if self.comm.Get_rank() < t.n_fronts:       # a front lets the expert's send go now
@@ -275,6 +287,8 @@ class Recv(Op):
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
+        if getattr(self, "own", False) and self.out.is_cuda:     # used on the compute stream from now on
+            self.out.record_stream(torch.cuda.current_stream(self.out.device))
 
     @property
     def rows(self) -> torch.Tensor:
@@ -285,12 +299,15 @@ class NcclChannel:
     def __init__(self, net: Net):
         self.net = net
 
-    def send(self, comm, peer: int, step: int, x: torch.Tensor, *, sized: bool, what: str) -> Op:
-        return Send(self.net, comm, peer, step, x, what)
+    def send(self, comm, peer: int, step: int, x: torch.Tensor, *, sized: bool, what: str, ready=None) -> Op:
+        return Send(self.net, comm, peer, step, x, what, ready)
 
     def recv(self, comm, peer: int, step: int, *, out: torch.Tensor | None = None, cap: int | None = None,
-             what: str) -> Op:
-        return Recv(self.net, comm, peer, step, out, cap, what)
+             what: str, fresh: bool = False) -> Op:
+        return Recv(self.net, comm, peer, step, out, cap, what, fresh)
+
+    def empty(self, rows: int) -> torch.Tensor:
+        return self.net.empty(rows)
 
 
 class NCCLTransport(OpTransport):

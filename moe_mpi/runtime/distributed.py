@@ -168,7 +168,8 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
         if not req.plan.ready():
             return False
         with ctx.rec.span(f"dispatch mb{mb.step} L{req.moe_layer}", "send", step=mb.step, layer=req.moe_layer):
-            mb.exchange = ctx.transport.dispatch(req.moe_layer, mb.step, req.x_ND, req.plan.offsets)
+            mb.exchange = ctx.transport.dispatch(req.moe_layer, mb.step, req.x_ND, req.plan.offsets,
+                                                 ready=req.plan.event)
             mb.request = None
         return True
 
