@@ -563,7 +563,7 @@ def main() -> None:
                                                 if "## Predicted vs measured" in lines else lines),
                   {"machine": env, "load_average": loads, "gemm": {str(k): v for k, v in gemm.items()},
                    "single_thread": misc, "mpi": mpi, "profile": profile, "failed_runs": FAILED_RUNS,
-                   "wall_seconds": time.perf_counter() - t_start})
+                   "wall_seconds": old["wall_seconds"] if args.reuse else time.perf_counter() - t_start})
     print(text)
     print(f"\nwrote {hw_path}, {RESULTS / 'validation_cpu.md'}, {RESULTS / 'cpu_calibration.md'} and .json "
           f"in {time.perf_counter() - t_start:.0f} s")

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import RESULTS, card_slug, environment, md_table, write_results  # noqa: E402
 from moe_mpi.parallel.devices import bind_device  # noqa: E402
-from moe_mpi.parallel.exchange import MPITransport, StagedTransport, mpi_cuda_aware, with_progress_thread  # noqa: E402
+from moe_mpi.parallel.exchange import MPITransport, mpi_cuda_aware, with_progress_thread  # noqa: E402
+from moe_mpi.parallel.staged import StagedTransport  # noqa: E402
 from moe_mpi.parallel.nccl import NCCLTransport, init_process_group  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
 

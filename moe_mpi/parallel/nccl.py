@@ -30,7 +30,9 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from .devices import slot_of
-from .exchange import CONTROL_TAG, GO_TAG, Op, OpTransport, PeerFailure, StagedChannel, as_bytes, test_requests
+from .exchange import CONTROL_TAG, GO_TAG, PeerFailure, as_bytes, test_requests
+from .ops import Op, OpTransport
+from .staged import StagedChannel
 
 log = logging.getLogger("moe_mpi")
 

@@ -1,0 +1,204 @@
+"""Transports built from one operation per message (the pinned-host staging and NCCL transports).
+
+Each message is an ``Op`` on a *channel* (``OpTransport.channel(comm, peer)`` picks one per peer);
+``OpTransport`` keeps every live operation and moves all of them on whenever any handle is tested, or
+from a progress thread.  The handles (``OpExchange``, ``OpReceive``, ``OpSends``) are what the
+runtime's loops poll, the same calls as ``exchange.MPITransport``'s.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+
+import torch
+from mpi4py import MPI
+
+log = logging.getLogger("moe_mpi")
+
+class Op:
+    """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
+    message is sent, or received and its device copy enqueued; ``what`` names the peer for reports."""
+    what: str = ""
+    done: bool = False
+
+    def progress(self) -> bool:
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Make the current stream (the host, for CPU tensors) wait until the received rows are in
+        place (receives only)."""
+
+    @property
+    def rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OpExchange:
+    """A front's dispatch: sends and reply receives; ``result()`` is the (N, D) answers on the device."""
+
+    def __init__(self, transport: "OpTransport", ops: list[Op], recvs: list[Op], y_ND: torch.Tensor,
+                 fresh: bool = False):
+        self.transport, self.ops, self.recvs, self.y_ND, self.fresh = transport, ops, recvs, y_ND, fresh
+
+    def test(self) -> bool:
+        self.transport.progress()
+        return all(op.done for op in self.ops)
+
+    def result(self) -> torch.Tensor:
+        for op in self.recvs:
+            op.wait()
+        if self.fresh:      # from another stream's pool, used on the compute stream from now on
+            self.y_ND.record_stream(torch.cuda.current_stream(self.y_ND.device))
+        return self.y_ND
+
+    def pending(self) -> list[str]:
+        return [op.what for op in self.ops if not op.done]
+
+
+class OpReceive:
+    """An expert's receives for one step, one per sending front."""
+
+    def __init__(self, transport: "OpTransport", ops: list[Op], senders: list[int]):
+        self.transport, self.ops, self.senders = transport, ops, senders
+
+    def test(self) -> bool:
+        self.transport.progress()
+        return all(op.done for op in self.ops)
+
+    def rows(self) -> list[torch.Tensor]:
+        for op in self.ops:
+            op.wait()
+        return [op.rows for op in self.ops]
+
+    def pending(self) -> list[str]:
+        return [op.what for op in self.ops if not op.done]
+
+
+class OpSends:
+    def __init__(self, transport: "OpTransport", ops: list[Op]):
+        self.transport, self.ops = transport, ops
+
+    def test(self) -> bool:
+        self.transport.progress()
+        return all(op.done for op in self.ops)
+
+    def pending(self) -> list[str]:
+        return [op.what for op in self.ops if not op.done]
+
+
+class OpTransport:
+    """The exchange as messages, each through the channel ``channel(comm, peer)`` picks.  Every live
+    message is progressed whenever any handle is tested, and, with ``start_progress_thread``, by a
+    thread every few tens of microseconds: a front's loop runs a micro-batch for milliseconds between
+    tests (much of it blocked on its GPU, the interpreter lock released), and a message that waits for
+    it to answer (the go-ahead of an expert's reply) would wait as long."""
+
+    name = "ops"
+
+    def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device):
+        self.comms, self.n_fronts, self.hidden, self.dtype = layer_comms, n_fronts, hidden, dtype
+        self.device = device
+        self.live: list[Op] = []
+        self.lock = threading.RLock()      # the loop's thread and the progress thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def channel(self, comm, peer: int):
+        raise NotImplementedError
+
+    def progress(self) -> None:
+        with self.lock:
+            still = []
+            for op in self.live:
+                if not op.done:
+                    op.done = op.progress()
+                if not op.done:
+                    still.append(op)
+            self.live = still
+
+    def background_progress(self) -> None:
+        """What the progress thread does each round: everything here; the NCCL transport only its
+        control plane (the part that waits on the other side), leaving the rest to the loops."""
+        if self.live:
+            self.progress()
+
+    def start_progress_thread(self, interval: float = 100e-6) -> bool:
+        """Progress live messages from a daemon thread too (needs MPI_THREAD_MULTIPLE)."""
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            log.warning("MPI gives no MPI_THREAD_MULTIPLE: messages progress only when the loops test them")
+            return False
+
+        def run() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            while not self._stop.is_set():
+                self.background_progress()
+                time.sleep(interval)
+
+        self._thread = threading.Thread(target=run, name="moe-mpi-exchange-progress", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop_progress_thread)   # before MPI_Finalize (registered earlier, runs later)
+        return True
+
+    def stop_progress_thread(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _start(self, op: Op) -> Op:
+        op.done = op.progress()
+        if not op.done:
+            self.live.append(op)
+        return op
+
+    # --- front side ---
+    def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
+        """``ready``: a CUDA event after which x_ND is computed (else: the compute stream's work so far)."""
+        with self.lock:
+            return self._dispatch(layer, step, x_ND, offsets, ready)
+
+    def _dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
+        comm, n_experts = self.comms[layer], len(offsets) - 1
+        x_ND = x_ND.contiguous()
+        channels = [self.channel(comm, self.n_fronts + e) for e in range(n_experts)]
+        # Answers land in a buffer that needs no wait for the compute stream when every channel can give
+        # one (NCCL's stream pool); else in one from the compute stream, taken after its queued work.
+        fresh = x_ND.is_cuda and all(hasattr(ch, "empty") for ch in channels)
+        y_ND = channels[0].empty(x_ND.shape[0]) if fresh else torch.empty_like(x_ND)
+        ops, recvs = [], []
+        for e, ch in enumerate(channels):
+            lo, hi = offsets[e], offsets[e + 1]
+            dest = self.n_fronts + e
+            peer = (f"rank {self.n_fronts + layer * n_experts + e} (expert {e} of MoE layer {layer}), "
+                    f"micro-batch step {step}")
+            recvs.append(self._start(ch.recv(comm, dest, step, out=y_ND[lo:hi], what="reply from " + peer,
+                                             fresh=fresh)))
+            ops.append(self._start(ch.send(comm, dest, step, x_ND[lo:hi], sized=True, what="send to " + peer,
+                                           ready=ready)))
+        return OpExchange(self, ops + recvs, recvs, y_ND, fresh)
+
+    # --- expert side ---
+    def expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
+        with self.lock:
+            return self._expect(layer, step, senders, capacities)
+
+    def _expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
+        comm = self.comms[layer]
+        ops = [self._start(self.channel(comm, front).recv(
+                   comm, front, step, cap=cap, what=f"rank {front} (front {front}), micro-batch step {step}"))
+               for front, cap in zip(senders, capacities)]
+        return OpReceive(self, ops, senders)
+
+    def reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
+        with self.lock:
+            return self._reply(layer, step, senders, ys)
+
+    def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
+        comm = self.comms[layer]
+        ops = [self._start(self.channel(comm, front).send(
+                   comm, front, step, y.contiguous(), sized=False, what=f"reply to front {front} (step {step})"))
+               for front, y in zip(senders, ys)]
+        return OpSends(self, ops)
