@@ -50,6 +50,17 @@ def test_matches_one_rank(tmp_path, ragged, fronts, tokens):
     # tokens received per expert rank == the expert_load the fronts counted
     rows = [metrics["expert_rows_in"][f"expert L{layer} E{e}"] for layer in range(2) for e in range(4)]
     assert rows == ref["expert_load"].ravel().tolist()
+    # every rank's CPU time while scoring, which the planner turns into a host overhead
+    assert set(metrics["cpu_seconds"]) == set(metrics["busy_fraction"])
+    assert all(v > 0 for v in metrics["cpu_seconds"].values())
+    assert metrics["cpu_seconds_total"] == pytest.approx(sum(metrics["cpu_seconds"].values()), abs=1e-3)
+    if (fronts, tokens) == (2, 40):
+        from click.testing import CliRunner
+        from moe_mpi.cli import main
+        res = CliRunner().invoke(main, ["plan", "--config", "tiny", "--hardware", "cpu", "-F", "2", "-T", "40",
+                                        "--host-overhead-from", str(out)])
+        assert res.exit_code == 0, res.output
+        assert res.output.startswith("host_overhead ") and f"{out} (F=2, " in res.output
 
 
 def test_bitwise_repeatable_and_trace(tmp_path, ragged):

@@ -193,6 +193,30 @@ def test_shared_cores_and_host_overhead_by_hand():
         unit_hardware(host_overhead=0.5)
 
 
+def test_host_overhead_from_a_run_by_hand(tmp_path):
+    """A run's CPU seconds over the model's work for its tokens: tiny, unit hardware, F=1, T=8, 16 tokens
+    = 2 steps; each step is the front's work plus 8 x 2 rows x 2 MoE layers x 12,288 FLOP of experts."""
+    hw = unit_hardware(shared_cores=2, ranks_per_node=None)
+    front = analytic.plan(TINY, hw, Layout(1, 8, 1, 8)).period_parts_s["front compute"]
+    step = front + 8 * 2 * 2 * 12_288 / 1e6
+    h = analytic.host_overhead(TINY, hw, front_ranks=1, micro_batch_tokens=8, seq_len=8, tokens=16,
+                               cpu_seconds=2 * step * 2.5)
+    assert h == pytest.approx(2.5)
+    # the profile's own overhead does not enter the measurement
+    assert analytic.host_overhead(TINY, unit_hardware(shared_cores=2, ranks_per_node=None, host_overhead=4),
+                                  front_ranks=1, micro_batch_tokens=8, seq_len=8, tokens=16,
+                                  cpu_seconds=2 * step * 2.5) == pytest.approx(2.5)
+    # the CLI refuses outputs without CPU accounting, and GPU profiles
+    import h5py
+    old = tmp_path / "old.h5"
+    with h5py.File(old, "w") as f:
+        f.attrs["metrics"] = json.dumps({"busy_fraction": {}})
+    res = CliRunner().invoke(cli(), ["plan", "--config", "tiny", "--hardware", "cpu", "--host-overhead-from", str(old)])
+    assert res.exit_code == 2 and "no CPU accounting" in res.output
+    res = CliRunner().invoke(cli(), ["plan", "--config", "tiny", "--hardware", "h200", "--host-overhead-from", str(old)])
+    assert res.exit_code == 2 and "no shared_cores" in res.output
+
+
 # --- placements ---
 def test_alternative_placements():
     plans = analytic.placements(PAPER, SEED, Layout(front_ranks=1), [1, 2, 8, 3])

@@ -339,3 +339,18 @@ def device_load_s(cfg: ModelConfig, hw: Hardware, layout: Layout, device_of_rank
     for dev, w in zip(device_of_rank, work):
         load[dev] = load.get(dev, 0.0) + w
     return load
+
+
+def host_overhead(cfg: ModelConfig, hw: Hardware, *, front_ranks: int, micro_batch_tokens: int, seq_len: int,
+                  tokens: float, cpu_seconds: float) -> float:
+    """Seconds of the shared cores a run took per CPU-second of the model's work
+    (``Hardware.host_overhead``): ``cpu_seconds`` (e.g. its scoring time x the cores it had, or the CPU
+    time its ranks used) over what the model charges for its tokens, the fronts' work plus the experts'
+    (both scale with the tokens; F x T tokens make one step)."""
+    hw = replace(hw, host_overhead=1.0)
+    st = stage_times(cfg, hw, Layout(front_ranks, micro_batch_tokens, 1, seq_len))
+    work_per_step = front_ranks * float(st.front_stage_s.sum()) + float(st.expert_rank_s.sum())
+    model = tokens / (front_ranks * micro_batch_tokens) * work_per_step
+    if not (model > 0 and cpu_seconds > 0):
+        raise ValueError(f"cannot take a host overhead from {cpu_seconds} CPU-s for {model} s of modelled work")
+    return cpu_seconds / model

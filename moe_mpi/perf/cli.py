@@ -131,14 +131,42 @@ def _load_inputs(config: str, hw_name: str) -> tuple[ModelConfig, hardware.Hardw
         raise click.UsageError(str(exc)) from None
 
 
+def _host_overhead_from(path: str, hw: hardware.Hardware) -> tuple[hardware.Hardware, str]:
+    """The profile with the host overhead a run measured, and a line saying so."""
+    from dataclasses import replace
+
+    from .report import read_run
+    if hw.shared_cores is None:
+        raise click.UsageError(f"--host-overhead-from: hardware {hw.name!r} has no shared_cores; the host "
+                               "overhead is a term of CPU boxes whose ranks share a few cores")
+    try:
+        run = read_run(path)
+        nodes = 1 if hw.ranks_per_node is None else -(-run["world_size"] // hw.ranks_per_node)
+        core_s = run["elapsed_s"] * hw.shared_cores * nodes     # the cores' time, idle gaps included
+        kw = dict(front_ranks=run["front_ranks"], micro_batch_tokens=run["micro_batch_tokens"],
+                  seq_len=min(run["seq_len"], run["micro_batch_tokens"]), tokens=run["tokens"])
+        h = analytic.host_overhead(run["config"], hw, cpu_seconds=core_s, **kw)
+        busy = analytic.host_overhead(run["config"], hw, cpu_seconds=run["cpu_seconds"], **kw)
+    except (ValueError, KeyError) as exc:
+        raise click.UsageError(f"--host-overhead-from {path}: {exc}") from None
+    h = max(1.0, h)
+    return replace(hw, host_overhead=h), (
+        f"host_overhead {h:.3f} from {path} (F={run['front_ranks']}, {run['tokens']:,} tokens): "
+        f"{run['elapsed_s']:.3g} s x {hw.shared_cores * nodes} cores per CPU-s of modelled work; its ranks' own "
+        f"CPU time was {busy:.3f} of it ({run['cpu_seconds']:.3g} CPU-s), the rest cores left idle")
+
+
 def plan_command(config, hw_name, front_ranks, micro_batch_tokens, in_flight, seq_len, experts_per_rank,
-                 dtype, expert_load, simulate, micro_batches, routing_seed, as_json):
+                 dtype, expert_load, simulate, micro_batches, routing_seed, as_json, host_overhead_from=None):
     """The performance model (DESIGN.md section 8): ranks, memory, per-layer times, steady state.
 
     The first --experts-per-rank value (default 1, the design's one expert per rank) is the main
     placement; all values are compared side by side.
     """
     cfg, hw = _load_inputs(config, hw_name)
+    measured_from = None
+    if host_overhead_from:
+        hw, measured_from = _host_overhead_from(host_overhead_from, hw)
     ks = _packings(cfg, experts_per_rank)
     load = _load_expert_load(expert_load)
     layout = Layout(front_ranks, micro_batch_tokens, in_flight, seq_len, ks[0], dtype)
@@ -157,6 +185,8 @@ def plan_command(config, hw_name, front_ranks, micro_batch_tokens, in_flight, se
                "simulation": sim.to_dict() if sim else None}
         click.echo(json.dumps(out, indent=2, default=float))
         return
+    if measured_from:
+        click.echo(measured_from)
     click.echo(format_plan(main, hw, cfg, alternatives))
     if sim:
         click.echo(f"\nsimulation ({sim.n_micro_batches} micro-batches per front, {sim.n_events:,} events, "
@@ -213,6 +243,10 @@ def register(group: click.Group) -> None:
                   help="[default: the hardware's]")
     @click.option("--expert-load", type=click.Path(exists=True, dir_okay=False), default=None,
                   help="an output .h5 whose expert_load [L_moe, E] sets each expert's share of the rows")
+    @click.option("--host-overhead-from", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="an output .h5 of a distributed run on this CPU box: its scoring time x the profile's "
+                       "cores, per CPU-second of the model's work for its tokens, sets the profile's "
+                       "host_overhead (shared-core profiles)")
     @click.option("--simulate", is_flag=True, help="also run the discrete-event simulator")
     @click.option("--micro-batches", default=None, type=click.IntRange(min=4),
                   help="micro-batches per front to simulate [default: max(8 x in-flight, 32)]")

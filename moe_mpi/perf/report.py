@@ -102,6 +102,26 @@ def read_expert_load(path: str | Path) -> np.ndarray:
     return load.astype(np.int64)
 
 
+def read_run(path: str | Path) -> dict:
+    """What a distributed run's output says about the run: its config, layout, tokens and CPU time."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from None
+    metrics = json.loads(attrs.get("metrics", "{}") or "{}")
+    if "cpu_seconds_total" not in metrics:
+        raise ValueError(f"{path}: no CPU accounting in its metrics (distributed runs record it; the 1-rank "
+                         "run and outputs of older versions do not)")
+    cfg = attrs["config"]
+    return {"config": ModelConfig.from_dict(json.loads(cfg if isinstance(cfg, str) else cfg.decode()), "run"),
+            "front_ranks": int(attrs["front_ranks"]), "micro_batch_tokens": int(attrs["micro_batch_tokens"]),
+            "seq_len": int(attrs["seq_len"]), "tokens": int(attrs["tokens"]),
+            "cpu_seconds": float(metrics["cpu_seconds_total"]), "elapsed_s": float(attrs["elapsed_seconds"]),
+            "world_size": int(attrs["world_size"])}
+
+
 def plot_expert_load(load_LE: np.ndarray, out_png: str | Path) -> Path:
     """Left: each expert's rows over its layer's mean (1 = even).  Right: the busiest expert over the
     mean per layer, which is how much slower than even routing that layer's step is."""

@@ -19,6 +19,7 @@ class Recorder:
     label: str
     tracing: bool
     t0: float = field(default_factory=time.perf_counter)
+    cpu0: float = field(default_factory=time.process_time)
     busy: float = 0.0
     waiting: float = 0.0
     latencies: list = field(default_factory=list)
@@ -27,7 +28,7 @@ class Recorder:
 
     def restart(self) -> None:
         """Start the clock (after set-up and a barrier, so ranks share a time origin)."""
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     @contextmanager
     def span(self, name: str, cat: str = "compute", **args):
@@ -56,7 +57,7 @@ class Recorder:
         wall = time.perf_counter() - self.t0
         return {"rank": self.rank, "role": self.label, "wall_s": wall, "busy_s": self.busy,
                 "wait_s": self.waiting, "busy_fraction": self.busy / wall if wall > 0 else 0.0,
-                "rows_in": self.rows_in, "latencies": self.latencies}
+                "rows_in": self.rows_in, "latencies": self.latencies, "cpu_s": time.process_time() - self.cpu0}
 
 
 class Backoff:
@@ -82,6 +83,10 @@ def aggregate(summaries: list[dict]) -> dict:
         "micro_batches": int(lat.size),
         "busy_fraction": {s["role"]: round(s["busy_fraction"], 4) for s in summaries},
         "expert_rows_in": {s["role"]: s["rows_in"] for s in summaries if s["role"].startswith("expert")},
+        # CPU seconds (user + system, every thread) of each rank while scoring: with the model's work this
+        # gives the host overhead of oversubscribed runs (moe-mpi plan --host-overhead-from)
+        "cpu_seconds": {s["role"]: round(s["cpu_s"], 4) for s in summaries},
+        "cpu_seconds_total": round(sum(s["cpu_s"] for s in summaries), 4),
     }
 
 
