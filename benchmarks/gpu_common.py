@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from cpu_common import md_table  # noqa: F401  (one table format for every results file)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -77,20 +79,6 @@ def copy_bandwidth(device: torch.device, small: bool = False) -> dict:
     dst = torch.empty_like(src)
     ms = median(time_ms(lambda: dst.copy_(src), device, warmup=3, iters=20))
     return {"gbps": 2 * n / (ms * 1e-3) / 1e9, "buffer_bytes": n}
-
-
-def md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Markdown table; columns are (key, header, format)."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    rule = "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|"
-    body = []
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append("n/a" if v is None else (format(v, fmt) if fmt else str(v)))
-        body.append("| " + " | ".join(cells) + " |")
-    return "\n".join([head, rule, *body])
 
 
 def write_results(out_dir: str | Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, card_slug, environment, matmul_peak, md_table, write_results  # noqa: E402
+from gpu_common import RESULTS, card_slug, environment, matmul_peak, write_results  # noqa: E402
+from gpu_e2e_report import report  # noqa: E402
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.model.transformer import Batch, LocalExperts, drive  # noqa: E402
 from moe_mpi.model.weights import build_all_experts, build_front  # noqa: E402
@@ -403,98 +404,6 @@ def main() -> int:
     write_results(args.out, f"gpu_end_to_end_{slug}", md, {**res, "environment": env_info, "args": vars(args)})
     print(md, flush=True)
     return 0 if all(rc == 0 for _, rc, *_ in launches) else 1
-
-
-def why(res: dict) -> list[str]:
-    """Where the best distributed run's time goes, in milliseconds per micro-batch, against the one-process
-    run, and what the MFU target asks of the speed-up."""
-    runs, best = res["runs"], res.get("best")
-    if not best or "one process" not in runs:
-        return []
-    one, r = runs["one process"], runs[best]
-    mb_tokens = res["micro_batch_tokens"]
-    n_mb = one["tokens"] / mb_tokens
-    t1 = 1e3 * one["elapsed_s"] / n_mb
-    out = [f"Why ({best}): one process takes {t1:.1f} ms per micro-batch of {mb_tokens} tokens (all layers and "
-           f"experts, MFU {one['mfu']:.3f}). End-to-end MFU = speed-up x one-process MFU / GPUs, so MFU 0.60 on "
-           f"{r['gpus']} GPUs needs a speed-up of {0.6 * r['gpus'] / one['mfu']:.2f}x, more than the GPUs' "
-           f"count unless the one-process MFU itself exceeds 0.60."]
-    cats = r.get("trace_seconds_by_category") or {}
-    fronts = {k: v for k, v in cats.items() if k.startswith("front")}
-    if fronts:
-        per = n_mb / len(fronts)      # micro-batches per front
-        rows = [{"rank": k, **{c: 1e3 * v.get(c, 0.0) / per for c in ("compute", "io", "send", "wait")}}
-                for k, v in fronts.items()]
-        busy = max(row["compute"] + row["io"] + row["send"] for row in rows)
-        out += ["", f"Per front, ms per micro-batch ({per:.0f} micro-batches each; 'compute' is host time "
-                    "between exchanges, including waits for the front's own GPU):", "",
-                md_table(rows, [("rank", "rank", "")] + [(c, c, ".1f") for c in ("compute", "io", "send", "wait")]),
-                "", f"The busiest front spends {busy:.1f} ms per micro-batch outside waits, so {len(fronts)} fronts "
-                    f"bound the run at {len(fronts) * t1 / busy:.2f}x the one-process rate; measured "
-                    f"{r.get('speedup', float('nan')):.2f}x."]
-    return out + [""]
-
-
-def report(res: dict, env: dict, args) -> str:
-    runs = res["runs"]
-    rows = []
-    for name, r in runs.items():
-        rows.append({"run": name, "gpus": r["gpus"], "tokens": r["tokens"], "elapsed": r["elapsed_s"],
-                     "tps": r["tokens_per_s"], "speedup": r.get("speedup"), "mfu": r["mfu"],
-                     "p50": r.get("latency_p50_ms"), "p99": r.get("latency_p99_ms"),
-                     "util": ", ".join(f"GPU{g} {u:.2f}" for g, u in r.get("gpu_utilization", {}).items()) or None})
-    cols = [("run", "run", ""), ("gpus", "GPUs", "d"), ("tokens", "tokens", "d"), ("elapsed", "scoring (s)", ".2f"),
-            ("tps", "tokens/s", ".0f"), ("speedup", "vs one process", ".2f"), ("mfu", "MFU", ".3f"),
-            ("p50", "latency p50 (ms)", ".1f"), ("p99", "latency p99 (ms)", ".1f"),
-            ("util", "GPU utilisation (nvidia-smi)", "")]
-    c = res["config"]
-    lines = [f"# End to end: paper-width slice, distributed vs one process ({env['card']})", "",
-             f"Slice: hidden {c['hidden_size']}, MLA {c['num_attention_heads']} x "
-             f"{c['qk_nope_head_dim'] + c['qk_rope_head_dim']}, MLP hidden {c['intermediate_size']}, "
-             f"{c['num_hidden_layers']} layers ({c['first_k_dense_replace']} dense), {c['n_routed_experts']} experts, "
-             f"top-{c['num_experts_per_tok']}, vocabulary {c['vocab_size']}; bf16. The same {res['sequences']} "
-             f"sequences x {res['seq_len']} tokens in every run, micro-batches of {res['micro_batch_tokens']} tokens, "
-             f"{res['in_flight']} in flight per front. MFU = {res['model_flops'] / 1e12:.1f} TFLOP of useful model "
-             f"work (every matrix product the model needs: causal half of attention, LM head at scored positions) / "
-             f"(scoring time x GPUs x matrix-product peak measured in this run, "
-             f"{sum(res['peak_tflops_per_gpu'].values()) / len(res['peak_tflops_per_gpu']):.0f} TFLOP/s per GPU).", "",
-             "Layouts: " + "; ".join(f"{k}: {r['layout']}" for k, r in runs.items()) + ".", "",
-             md_table(rows, cols), ""]
-    failed = [k for k, rc in res["returncodes"].items() if rc]
-    if failed:
-        lines += [f"Failed runs (see logs): {', '.join(failed)}.", ""]
-    if res.get("best"):
-        best = runs[res["best"]]
-        speed, mfu = res["speedup"], best["mfu"]
-        lines += [f"**Best distributed run ({res['best']}): {speed:.2f}x the one-process tokens/s** (target 3x: "
-                  f"{'met' if speed >= 3 else f'missed by {3 - speed:.2f}x'}); its MFU {mfu:.3f} (target 0.60: "
-                  f"{'met' if mfu >= 0.6 else f'missed by {0.6 - mfu:.3f}'}).", ""]
-    lines += why(res)
-    for name, r in runs.items():
-        if r.get("busy_fraction"):
-            lines += [f"Busy fraction per rank, {name} (host time in compute and send spans / wall time; a front's "
-                      "compute spans include waiting for its own GPU, an expert's only launching work):", "",
-                      ", ".join(f"{k} {v:.2f}" for k, v in r["busy_fraction"].items()), ""]
-        if r.get("trace_seconds_by_category"):
-            tr = [{"rank": k, **cats} for k, cats in r["trace_seconds_by_category"].items()]
-            cats = sorted({k for row in tr for k in row if k != "rank"})
-            lines += [f"Seconds per span category in the trace, {name}:", "",
-                      md_table(tr, [("rank", "rank", "")] + [(k, k, ".2f") for k in cats]), ""]
-    for name, a in res.get("agreement", {}).items():
-        lines += [f"Agreement of the {name} bf16 run with fp32 (same weights, first {a['sequences']} sequences): "
-                  f"|log p| difference mean {a['logprob_abs_diff_mean']:.4f}, p99 {a['logprob_abs_diff_p99']:.3f}, "
-                  f"max {a['logprob_abs_diff_max']:.3f}; sequence log-prob relative difference max "
-                  f"{a['sequence_logprob_rel_diff_max']:.2e}"
-                  + (f"; routing {100 * a['route_agreement']:.2f}% identical, {a['route_differences']} differences of "
-                     f"which {a['route_differences_at_near_ties']} at near-ties (fp32 top-k margin < "
-                     f"{a['near_tie_margin']}) or downstream of one, {a['route_differences_unexplained']} unexplained"
-                     if "route_agreement" in a else "") + ".", ""]
-    if res.get("profile_single"):
-        lines += ["One-process profile (GPU time by kernel, two micro-batches):", "",
-                  md_table(res["profile_single"], [("kernel", "kernel", ""), ("calls", "calls", "d"),
-                                                   ("ms", "ms", ".2f"), ("share", "share", ".3f")]), ""]
-    lines += [f"Environment: {env}"]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_runtime import (BIN, FAILED_RUNS, PYTHON, ROOT, failures_md, load_average, machine,  # noqa: E402
+from cpu_common import (BIN, FAILED_RUNS, PYTHON, ROOT, failures_md, load_average, machine,  # noqa: E402
                          md_table, run, score_cmd, write_results)
 
 MB = 1e6

@@ -68,31 +68,29 @@ class DispatchPlan:
     def __init__(self, order_N: torch.Tensor, counts_E: torch.Tensor, n_tokens: int, top_k: int):
         self.order_N = order_N      # (N,) flat (token*K + slot) index of each row, grouped by expert
         self.n_tokens, self.top_k = n_tokens, top_k
-        self._event = self.event = None
+        self.event = None           # on a GPU: passed once the counts (and, after record(), the rows) are
         if counts_E.device.type == "cuda":
             host = torch.empty(counts_E.shape, dtype=counts_E.dtype, pin_memory=True)
             host.copy_(counts_E, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+            self.event = torch.cuda.Event()
+            self.event.record()
             counts_E = host
         self._counts_E = counts_E
 
     def record(self) -> None:
-        """Move the plan's event to the compute stream's position now: the rows for the experts,
-        computed after the plan, are then ready when the event is (``event`` for the transports)."""
-        if self._event is not None:
-            self._event.record()
-        self.event = self._event
+        """Move the event to the compute stream's position now, so that it also covers the rows for the
+        experts computed after the plan (the transports order their sends after it)."""
+        if self.event is not None:
+            self.event.record()
 
     def ready(self) -> bool:
-        return self._event is None or self._event.query()
+        return self.event is None or self.event.query()
 
     @property
     def counts_E(self) -> torch.Tensor:
         """(E,) rows per expert, int64 on the CPU."""
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
+        if self.event is not None:
+            self.event.synchronize()
         return self._counts_E
 
     @property

@@ -262,6 +262,7 @@ class Recv(Op):
                  what: str, fresh: bool = False):
         self.net, self.comm, self.peer, self.step, self.what = net, comm, peer, step, what
         self.out, self.cap = out, cap
+        self.own = False            # out taken here, from the NCCL stream's pool
         self.work, self.reqs, self.arrived = None, [], False
         # out is free once the compute stream gets here, unless it is fresh from the NCCL stream's pool
         self.ready = net.ready() if out is not None and not fresh else None
@@ -289,7 +290,7 @@ class Recv(Op):
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
-        if getattr(self, "own", False) and self.out.is_cuda:     # used on the compute stream from now on
+        if self.own and self.out.is_cuda:     # used on the compute stream from now on
             self.out.record_stream(torch.cuda.current_stream(self.out.device))
 
     @property
