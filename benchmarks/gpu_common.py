@@ -54,22 +54,65 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, iters: int = 10) -> li
     return times
 
 
+def time_sustained(fn, device: torch.device, *, warm_s: float = 0.3, run_s: float = 0.3,
+                   min_iters: int = 10) -> list[float]:
+    """Like ``time_ms``, but the card is kept busy with ``fn`` for ``warm_s`` seconds first and the
+    timed calls last at least ``run_s``: a card under steady load lowers its clocks within a fraction
+    of a second, so short bursts overstate what it sustains.  Measure a kernel and the ceiling it is
+    compared with the same way."""
+    fn()
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < warm_s:
+        for _ in range(4):
+            fn()
+        n += 4
+        sync(device)
+    per_call = max((time.perf_counter() - t0) / max(n, 1), 1e-6)
+    return time_ms(fn, device, warmup=0, iters=max(min_iters, int(run_s / per_call)))
+
+
+def gpu_clocks(device: torch.device) -> dict:
+    """SM clock (MHz), power (W) and temperature (C) as nvidia-smi reads them now; {} without it."""
+    import subprocess
+    if device.type != "cuda":
+        return {}
+    try:
+        q = subprocess.run(["nvidia-smi", "-i", str(device.index or 0), "--query-gpu=clocks.sm,power.draw,"
+                            "temperature.gpu,clocks_throttle_reasons.active", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+        sm, power, temp, reasons = [v.strip() for v in q.split(",")]
+        return {"sm_mhz": float(sm), "power_w": float(power), "temp_c": float(temp), "throttle": reasons}
+    except Exception:  # noqa: BLE001 - informative only
+        return {}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def matmul_peak(device: torch.device, small: bool = False) -> dict:
-    """Best bf16 matrix-product rate (TFLOP/s) over a few large shapes, on random data (zeros run faster)."""
+def matmul_peak(device: torch.device, small: bool = False, sustained: bool = False) -> dict:
+    """Best bf16 matrix-product rate (TFLOP/s) over a few large shapes, on random data (zeros run faster).
+    ``sustained``: timed with ``time_sustained`` (after the card has run them for a while), with the
+    clocks read just after; otherwise ten products after three warm-ups."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = [(512, 512, 512)] if small else [(8192, 8192, 8192), (16384, 18432, 7168), (16384, 7168, 18432)]
-    rates = {}
+    rates, clocks = {}, {}
     for m, n, k in shapes:
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
-        ms = median(time_ms(lambda: a @ b, device, warmup=3, iters=10))
+        if sustained:
+            ms = median(time_sustained(lambda: a @ b, device, warm_s=0.05 if small else 0.5,
+                                       run_s=0.05 if small else 0.5))
+            clocks[f"{m}x{n}x{k}"] = gpu_clocks(device)
+        else:
+            ms = median(time_ms(lambda: a @ b, device, warmup=3, iters=10))
         rates[f"{m}x{n}x{k}"] = 2 * m * n * k / (ms * 1e-3) / 1e12
         del a, b
-    return {"tflops": max(rates.values()), "by_shape": rates}
+    out = {"tflops": max(rates.values()), "by_shape": rates}
+    if sustained:
+        out["clocks"] = clocks
+    return out
 
 
 def copy_bandwidth(device: torch.device, small: bool = False) -> dict:

@@ -31,12 +31,12 @@ step() {  # step NAME SECONDS COMMAND...
 
 step env 20 bash -c "nvidia-smi; nvidia-smi topo -m; $PY -c 'import torch, mpi4py; from mpi4py import MPI; \
 print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), mpi4py.__version__, MPI.Get_library_version().splitlines()[0])'; nproc; free -g"
-step expert 90 $PY benchmarks/gpu_expert_mlp.py --out "$WORK/results"
+step expert ${EXPERT_LIMIT:-200} $PY benchmarks/gpu_expert_mlp.py --out "$WORK/results"
 if [ "$NGPU" -ge 4 ]; then
     step exchange 100 $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --out "$WORK/results"
 else
     echo "=== exchange: skipped, needs 4 GPUs (have $NGPU)"
 fi
 step e2e ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90
-step tests 150 $PY -m pytest -q tests/test_gpu.py -k "not on_cpu" -p no:cacheprovider
+step tests ${TESTS_LIMIT:-240} $PY -m pytest -q tests/test_gpu.py -k "${TESTS_K:-not on_cpu}" -p no:cacheprovider
 ls -la "$WORK/results" "$OUT"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import kernels
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +39,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled(x_TD):   # CUDA: Triton for few tokens, two streams for many (kernels.py)
+            y = kernels.swiglu_mlp(x_TD.reshape(-1, x_TD.shape[-1]), self.gate_proj.weight, self.up_proj.weight,
+                                   self.down_proj.weight)
+            return y.reshape(*x_TD.shape[:-1], -1)
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 
