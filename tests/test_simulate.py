@@ -158,3 +158,25 @@ def test_report_figures(tmp_path):
     bad.write_text(json.dumps({"traceEvents": [{"ph": "X", "ts": 0}]}))
     out = CliRunner().invoke(main, ["report", "--trace", str(bad)])
     assert out.exit_code == 2 and "event 0 lacks dur, pid" in out.output
+
+
+def test_ranks_sharing_a_gpu_take_turns_and_a_front_host_floor_sets_the_pace():
+    """Hand-worked: with every expert rank on one GPU and enough in flight, a step takes the sum of all
+    expert ranks' work (they take turns); one rank per GPU reproduces the plain simulation; a front
+    host floor far above every stage's time makes each micro-batch cost exactly that floor."""
+    cfg = PAPER_8
+    layout = Layout(4, 2048, 16)
+    st = analytic.stage_times(cfg, SEED, layout)
+    F, world = layout.front_ranks, layout.world_size(cfg)
+    plain = simulate(cfg, SEED, layout)
+    own = simulate(cfg, SEED, layout, devices=list(range(world)))
+    assert own.tokens_per_s == pytest.approx(plain.tokens_per_s, rel=1e-6)
+    one_gpu = simulate(cfg, SEED, layout, devices=list(range(F)) + [F] * (world - F))
+    step = float(st.expert_rank_s.sum())            # every expert rank of every layer, one after another
+    assert step > float(st.front_stage_s.sum())     # the shared GPU is the bottleneck
+    assert one_gpu.tokens_per_s == pytest.approx(F * layout.micro_batch_tokens / step, rel=0.02)
+    floor = 20 * float(st.front_stage_s.sum())
+    hosted = simulate(cfg, SEED, Layout(4, 2048, 4), front_host_s=floor)
+    assert hosted.tokens_per_s == pytest.approx(F * layout.micro_batch_tokens / floor, rel=0.02)
+    with pytest.raises(ValueError, match="entries"):
+        simulate(cfg, SEED, layout, devices=[0, 1])

@@ -41,6 +41,7 @@ FRONT, DISPATCH, EXPERT, COMBINE = range(4)
 class SimResult:
     tokens_per_s: float         # in the steady window (after a quarter of the micro-batches, before the drain)
     latency_s: float            # mean micro-batch latency in the window
+    latency_p50_s: float        # its median
     front_util: float
     expert_util_mean: float
     expert_util_max: float
@@ -95,18 +96,52 @@ class _Cores:
         return start
 
 
+class _Devices:
+    """GPUs that several ranks share (``devices``: the GPU of every rank, fronts first, then each MoE
+    layer's expert ranks): a compute span starts once its rank is free and its GPU is.  Processes on
+    one GPU take turns (time-slicing, no MPS), so their kernels run one after another."""
+
+    def __init__(self, devices):
+        self.of = np.asarray(devices, dtype=int)
+        self.free = np.zeros(int(self.of.max()) + 1)
+
+    def start(self, first_rank: int, ready: np.ndarray, dur: np.ndarray) -> np.ndarray:
+        dur = np.broadcast_to(dur, ready.shape)
+        start = ready.copy()
+        for j in np.argsort(ready, kind="stable"):      # earliest-ready rank goes first
+            if dur[j] <= 0:
+                continue
+            d = self.of[first_rank + j]
+            start[j] = max(ready[j], self.free[d])
+            self.free[d] = start[j] + dur[j]
+        return start
+
+
 class _Pipeline:
     """Servers' free times and one handler per kind of event.  A handler takes the time its stage is
     ready (per simulated front, or per expert rank R of the layer), books the servers it uses and
     returns when the next stage is ready."""
 
     def __init__(self, cfg: ModelConfig, hw: Hardware, layout: Layout, st: analytic.Stages,
-                 window: tuple[int, int], rng: np.random.Generator | None, trace: _Trace | None):
+                 window: tuple[int, int], rng: np.random.Generator | None, trace: _Trace | None,
+                 devices=None, front_host_s=None):
         self.cfg, self.hw, self.layout, self.st, self.rng, self.tr = cfg, hw, layout, st, rng, trace
         self.F, self.R = layout.front_ranks, layout.ranks_per_layer(cfg)
         world = layout.world_size(cfg)
+        if devices is not None and len(devices) != world:
+            raise ValueError(f"devices: {len(devices)} entries for {world} ranks")
+        if devices is not None and hw.shared_cores is not None:
+            raise ValueError("devices and shared cores: model one kind of sharing at a time")
         self.cores = _Cores(hw, world) if hw.shared_cores is not None else None
-        self.Fv = self.F if self.cores else 1           # identical fronts stay in lockstep: one stands for all
+        self.devices = _Devices(devices) if devices is not None else None
+        # identical fronts stay in lockstep: one stands for all, unless they share cores or GPUs or
+        # differ in host time
+        self.Fv = self.F if (self.cores or self.devices or front_host_s is not None) else 1
+        # a front's host time per micro-batch (a floor under its stages), spread over the stages as
+        # their device times are
+        host = None if front_host_s is None else np.broadcast_to(np.asarray(front_host_s, float), (self.Fv,))
+        self.host_share = None if host is None else host[None, :] * (
+            st.front_stage_s / max(float(st.front_stage_s.sum()), 1e-30))[:, None]
         self.front_free, self.front_out_free, self.front_in_free = (np.zeros(self.Fv) for _ in range(3))
         L_moe = cfg.n_moe_layers
         self.rank_free, self.rank_in_free, self.rank_out_free = (np.zeros((L_moe, self.R)) for _ in range(3))
@@ -120,10 +155,14 @@ class _Pipeline:
     def front(self, m: int, i: int, ready: np.ndarray) -> np.ndarray:
         """Stage i of micro-batch m on the fronts (layer i, or the head when i = L)."""
         st = self.st
-        s = np.maximum(ready, self.front_free)
+        s0 = s = np.maximum(ready, self.front_free)
         if self.cores:
             s = self.cores.start(0, s, np.full(self.Fv, st.front_stage_s[i]))
+        elif self.devices:
+            s = self.devices.start(0, s, np.full(self.Fv, st.front_stage_s[i]))
         e = s + st.front_stage_s[i]
+        if self.host_share is not None:
+            e = np.maximum(e, s0 + self.host_share[i])
         self.front_free = e
         self.front_spans.append((float(s.sum()) / self.Fv, float(e.sum()) / self.Fv))
         if self.tr:
@@ -167,6 +206,8 @@ class _Pipeline:
         s = np.maximum(ready, self.rank_free[l])
         if self.cores:
             s = self.cores.start(self.F + l * self.R, s, busy_R)
+        elif self.devices:
+            s = self.devices.start(self.F + l * self.R, s, busy_R)
         e = s + busy_R
         self.rank_free[l] = e
         if self.window[0] <= m < self.window[1]:
@@ -195,7 +236,7 @@ class _Pipeline:
 
 def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.ndarray | None = None,
              n_micro_batches: int | None = None, routing_seed: int | None = None, trace: bool = False,
-             trace_ranks_per_group: int | None = 8) -> SimResult:
+             trace_ranks_per_group: int | None = 8, devices=None, front_host_s=None) -> SimResult:
     """Run ``n_micro_batches`` global micro-batches (default max(8 M, 32), at least 3 M) through the
     pipeline and measure its steady state.
 
@@ -203,6 +244,10 @@ def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.nda
     ``routing_seed`` every (micro-batch, layer) draws its rows per expert from a multinomial with those
     shares, so the busiest expert also varies by chance, as real routing does.  ``trace`` keeps
     Chrome-trace spans of the first ``trace_ranks_per_group`` fronts and expert ranks of each layer.
+    ``devices`` (the GPU of every rank, fronts first, then each MoE layer's expert ranks) makes ranks
+    that share a GPU take turns on it.  ``front_host_s`` (seconds per micro-batch, one value or one per
+    front) is a floor under each front's stages: the host time a front's loop needs per micro-batch
+    (launching, reading, writing, posting), measured on a real run.
     """
     t_wall = time.perf_counter()
     st = analytic.stage_times(cfg, hw, layout, expert_load)
@@ -211,7 +256,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.nda
     window = _window(G, M)
     pipe = _Pipeline(cfg, hw, layout, st, window,
                      np.random.default_rng(routing_seed) if routing_seed is not None else None,
-                     _Trace(trace_ranks_per_group) if trace else None)
+                     _Trace(trace_ranks_per_group) if trace else None, devices, front_host_s)
     started, done = np.zeros(G), np.zeros(G)
 
     heap: list = []                 # (earliest ready time, sequence number, kind, micro-batch, layer)
@@ -276,6 +321,8 @@ def _steady_state(pipe: _Pipeline, st: analytic.Stages, layout: Layout, G: int, 
     finished = np.sort(done)
     t0, t1 = finished[lo], finished[hi]
     front_work = float(st.front_stage_s.sum())
+    if pipe.host_share is not None:
+        front_work = max(front_work, float(pipe.host_share.sum(axis=0).max()))
 
     def busy_in_window(start: np.ndarray, end: np.ndarray) -> np.ndarray:
         return np.clip(end, t0, t1) - np.clip(start, t0, t1)
@@ -295,6 +342,7 @@ def _steady_state(pipe: _Pipeline, st: analytic.Stages, layout: Layout, G: int, 
     return SimResult(
         tokens_per_s=F * T / cycle,
         latency_s=float((done - started)[lo:hi].mean()),
+        latency_p50_s=float(np.median((done - started)[lo:hi])),
         front_util=front_work / cycle,
         expert_util_mean=float(pipe.busy_LR.mean()) / (per_mb * cycle) if L_moe else 0.0,
         expert_util_max=float(pipe.busy_LR.max()) / (per_mb * cycle) if L_moe else 0.0,
