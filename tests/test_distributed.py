@@ -127,3 +127,18 @@ def test_bf16_distributed_repeatable(tmp_path, ragged):
     # bf16 GEMMs over differently sized batches round differently and can flip near-tie routes:
     # close on average, not bitwise.
     assert np.nanmean(diff) < 0.02, np.nanmean(diff)
+
+
+def test_torch_profile_of_the_fronts(tmp_path, ragged, monkeypatch):
+    """MOE_MPI_TORCH_PROFILE=DIR,FIRST,COUNT: each front writes its operator table and Chrome trace for
+    that window of its micro-batches, and the scores are those of the 1-rank run all the same."""
+    path, ref = ragged
+    monkeypatch.setenv("MOE_MPI_TORCH_PROFILE", f"{tmp_path / 'prof'},1,2")
+    out = tmp_path / "out.h5"
+    mpirun(10, "score", path, out, "--config", "tiny", "--front-ranks", 2, "-T", 40, "--save-hidden",
+           "--save-routing", check=True)
+    assert_matches(read(out), ref)
+    for f in (0, 1):
+        table = (tmp_path / "prof" / f"front{f}.txt").read_text()
+        assert "aten::" in table and "Self CPU" in table
+        assert (tmp_path / "prof" / f"front{f}.json.gz").stat().st_size > 0

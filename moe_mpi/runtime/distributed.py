@@ -21,6 +21,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,6 +136,54 @@ class Writer:
         self.bar.close()
 
 
+class TorchProfile:
+    """``MOE_MPI_TORCH_PROFILE=DIR[,FIRST,COUNT]``: a front records PyTorch's profiler (host operators and
+    GPU kernels) while it admits micro-batches FIRST .. FIRST+COUNT-1 of its own (default 32 and 16), and
+    writes DIR/<name>.txt (operators by host time) and DIR/<name>.json.gz (a Chrome trace).  A
+    diagnostic for where a front's loop spends its time; off by default."""
+
+    def __init__(self, name: str, device, out_dir: str, first: int, count: int):
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.name, self.out, self.first, self.last = name, out_dir, first, first + count
+        self.prof = profile(activities=acts)
+        self.state = "waiting"
+
+    @classmethod
+    def from_env(cls, name: str, device) -> "TorchProfile | None":
+        spec = os.environ.get("MOE_MPI_TORCH_PROFILE")
+        if not spec:
+            return None
+        parts = spec.split(",")
+        nums = [int(v) for v in parts[1:3]] + [32, 16][len(parts[1:3]):]
+        return cls(name, device, parts[0], nums[0], nums[1])
+
+    def at_step(self, admitted: int) -> None:
+        """Called each loop with the number of micro-batches this front has admitted."""
+        if self.state == "waiting" and admitted >= self.first:
+            self.prof.start()
+            self.state = "on"
+        elif self.state == "on" and admitted >= self.last:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.state != "on":
+            return
+        self.prof.stop()
+        self.state = "done"
+        import gzip
+        import shutil
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+        (out / f"{self.name}.txt").write_text(table)
+        raw = out / f"{self.name}.json"
+        self.prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+
+
 def run_front(ctx: Context, writer: Writer | None) -> None:
     opts, f = ctx.opts, ctx.role.front
     front: FrontModel = build_front(ctx.cfg, **ctx.weights_kw())
@@ -196,8 +245,11 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
         return out
 
     next_step, admitted_upto, control = 0, 0, ctx.control
+    profiler = TorchProfile.from_env(f"front{f}", ctx.device)
     with torch.inference_mode():
         while True:
+            if profiler is not None:
+                profiler.at_step(next_step)
             control.poll(admitted_upto)
             upcoming = mine[next_step][0] if next_step < len(mine) else None
             if not active and (upcoming is None or control.finished_early(upcoming)):
@@ -230,6 +282,8 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
                 waiter.progressed()
             else:
                 waiter.idle(pending)
+    if profiler is not None:
+        profiler.finish()
     reader.close()
     if writer is None:
         sends.append(world.isend(("done", (f, admitted_upto)), dest=0, tag=RESULT_TAG))
