@@ -131,9 +131,10 @@ def test_bf16_distributed_repeatable(tmp_path, ragged):
 
 def test_torch_profile_of_the_fronts(tmp_path, ragged, monkeypatch):
     """MOE_MPI_TORCH_PROFILE=DIR,FIRST,COUNT: each front writes its operator table and Chrome trace for
-    that window of its micro-batches, and the scores are those of the 1-rank run all the same."""
+    that window of its micro-batches (here from the start until two have finished), and the scores are
+    those of the 1-rank run all the same."""
     path, ref = ragged
-    monkeypatch.setenv("MOE_MPI_TORCH_PROFILE", f"{tmp_path / 'prof'},1,2")
+    monkeypatch.setenv("MOE_MPI_TORCH_PROFILE", f"{tmp_path / 'prof'},0,2")
     out = tmp_path / "out.h5"
     mpirun(10, "score", path, out, "--config", "tiny", "--front-ranks", 2, "-T", 40, "--save-hidden",
            "--save-routing", check=True)

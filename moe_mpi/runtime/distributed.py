@@ -138,14 +138,14 @@ class Writer:
 
 class TorchProfile:
     """``MOE_MPI_TORCH_PROFILE=DIR[,FIRST,COUNT]``: a front records PyTorch's profiler (host operators and
-    GPU kernels) while it admits micro-batches FIRST .. FIRST+COUNT-1 of its own (default 32 and 16), and
-    writes DIR/<name>.txt (operators by host time) and DIR/<name>.json.gz (a Chrome trace).  A
-    diagnostic for where a front's loop spends its time; off by default."""
+    GPU kernels) from when it has admitted FIRST micro-batches of its own until it has finished COUNT
+    more (default 32 and 16), and writes DIR/<name>.txt (operators by host time) and DIR/<name>.json.gz
+    (a Chrome trace).  A diagnostic for where a front's loop spends its time; off by default."""
 
     def __init__(self, name: str, device, out_dir: str, first: int, count: int):
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        self.name, self.out, self.first, self.last = name, out_dir, first, first + count
+        self.name, self.out, self.first, self.count = name, out_dir, first, count
         self.prof = profile(activities=acts)
         self.state = "waiting"
 
@@ -158,12 +158,12 @@ class TorchProfile:
         nums = [int(v) for v in parts[1:3]] + [32, 16][len(parts[1:3]):]
         return cls(name, device, parts[0], nums[0], nums[1])
 
-    def at_step(self, admitted: int) -> None:
-        """Called each loop with the number of micro-batches this front has admitted."""
+    def at_step(self, admitted: int, finished: int) -> None:
+        """Called each loop with the micro-batches this front has admitted and finished so far."""
         if self.state == "waiting" and admitted >= self.first:
             self.prof.start()
-            self.state = "on"
-        elif self.state == "on" and admitted >= self.last:
+            self.state, self.until = "on", finished + self.count
+        elif self.state == "on" and finished >= self.until:
             self.finish()
 
     def finish(self) -> None:
@@ -249,7 +249,7 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     with torch.inference_mode():
         while True:
             if profiler is not None:
-                profiler.at_step(next_step)
+                profiler.at_step(next_step, len(ctx.rec.latencies))
             control.poll(admitted_upto)
             upcoming = mine[next_step][0] if next_step < len(mine) else None
             if not active and (upcoming is None or control.finished_early(upcoming)):
