@@ -132,20 +132,44 @@ def write_results(stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
     return md, js
 
 
-class CoreSampler:
+class ProcPoller:
+    """A daemon thread that calls ``poll()`` every ``period`` s while its ``with`` block runs."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.poll()
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class CoreSampler(ProcPoller):
     """Samples, every ``period`` s, the CPU time of the whole box (/proc/stat) and of each process
     carrying ``tag`` in its environment (this job: mpiexec, its proxy and every rank, a rank known by
     its PMI_RANK), so that a window of the run splits into cores this job used, per rank, and cores
     other jobs used."""
 
     def __init__(self, tag: str, period: float = 0.2):
-        self.tag, self.period = tag.encode(), period
+        super().__init__(period)
+        self.tag = tag.encode()
         self.hz = os.sysconf("SC_CLK_TCK")
         self.samples: list[tuple[float, float, dict]] = []   # (time.time(), box busy s, {pid: CPU s})
         self.ranks: dict[int, int | None] = {}               # pid -> PMI_RANK (None: launcher, 1-rank run)
         self.strangers: set[int] = set()                     # pids without the tag: other jobs
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
 
     def box_busy_s(self) -> float:
         f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -177,10 +201,8 @@ class CoreSampler:
                 continue
         return seen
 
-    def loop(self) -> None:
-        while not self.stop.is_set():
-            self.samples.append((time.time(), self.box_busy_s(), self.job_s()))
-            time.sleep(self.period)
+    def poll(self) -> None:
+        self.samples.append((time.time(), self.box_busy_s(), self.job_s()))
 
     def window(self, start: float, end: float) -> dict | None:
         """Average cores busy in [start, end] (wall-clock times): the whole box, this job, the rest, and
@@ -194,11 +216,3 @@ class CoreSampler:
         box, job = (b1 - b0) / (t1 - t0), sum(cpu.values()) / (t1 - t0)
         return {"box_cores_busy": box, "job_cores": job, "other_cores": max(0.0, box - job),
                 "seconds": t1 - t0, "rank_cpu_s": {str(r): c for r, c in sorted(per_rank.items())}}
-
-    def __enter__(self) -> "CoreSampler":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()

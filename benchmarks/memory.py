@@ -22,14 +22,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_common import (BIN, FAILED_RUNS, PYTHON, ROOT, failures_md, load_average, machine,  # noqa: E402
-                         md_table, run, score_cmd, write_results)
+from cpu_common import (BIN, FAILED_RUNS, PYTHON, ROOT, ProcPoller, failures_md, load_average,  # noqa: E402
+                        machine, md_table, run, score_cmd, write_results)
 
 MB = 1e6
 # A parent that runs one command and prints the peak RSS (KiB on Linux) of its finished children.
@@ -50,18 +49,17 @@ def peak_rss_bytes(cmd: list[str], env: dict | None = None) -> tuple[float, floa
     return int(out.stdout.strip().splitlines()[-1]) * 1024.0, time.perf_counter() - t0
 
 
-class RankWatcher:
+class RankWatcher(ProcPoller):
     """Polls /proc for processes carrying ``tag`` and PMI_RANK; keeps each rank's last VmHWM."""
 
     def __init__(self, tag: str, period: float = 0.1):
-        self.tag, self.period = tag.encode(), period
+        super().__init__(period)
+        self.tag = tag.encode()
         self.hwm: dict[int, int] = {}
         self.rss: dict[int, int] = {}
         self.pids: dict[int, int] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.loop, daemon=True)
 
-    def scan(self) -> None:
+    def poll(self) -> None:
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
@@ -82,19 +80,6 @@ class RankWatcher:
                 self.hwm[rank] = max(self.hwm.get(rank, 0), kib["VmHWM"] * 1024)
                 self.rss[rank] = kib["VmRSS"] * 1024
                 self.pids[rank] = int(d)
-
-    def loop(self) -> None:
-        while not self.stop.is_set():
-            self.scan()
-            time.sleep(self.period)
-
-    def __enter__(self) -> "RankWatcher":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def model_bytes(config: str, b: int = 4) -> dict:

@@ -76,44 +76,35 @@ class _Trace:
                                     "cat": cat, "args": args})
 
 
-class _Cores:
-    """The shared cores of each node: a compute span starts once its rank is free and a core is."""
+class _Shared:
+    """Servers that ranks share, in groups: the cores of each node on a CPU box (``cores``), or one GPU
+    per group (``devices``, processes on one GPU take turns: time-slicing, no MPS).  A compute span
+    starts once its rank is free and one of its group's servers is."""
 
-    def __init__(self, hw: Hardware, world: int):
-        self.per_node = world if hw.ranks_per_node is None else hw.ranks_per_node
-        self.free = np.zeros((-(-world // self.per_node), hw.shared_cores))
+    def __init__(self, group_of_rank: np.ndarray, per_group: int):
+        self.group = np.asarray(group_of_rank, dtype=int)
+        self.free = np.zeros((int(self.group.max()) + 1, per_group))
 
-    def start(self, first_rank: int, ready: np.ndarray, dur: np.ndarray) -> np.ndarray:
-        dur = np.broadcast_to(dur, ready.shape)
-        start = ready.copy()
-        for j in np.argsort(ready, kind="stable"):      # earliest-ready rank takes the earliest-free core
-            if dur[j] <= 0:
-                continue
-            node = (first_rank + j) // self.per_node
-            c = int(np.argmin(self.free[node]))
-            start[j] = max(ready[j], self.free[node, c])
-            self.free[node, c] = start[j] + dur[j]
-        return start
+    @classmethod
+    def cores(cls, hw: Hardware, world: int) -> "_Shared":
+        per_node = world if hw.ranks_per_node is None else hw.ranks_per_node
+        return cls(np.arange(world) // per_node, hw.shared_cores)
 
-
-class _Devices:
-    """GPUs that several ranks share (``devices``: the GPU of every rank, fronts first, then each MoE
-    layer's expert ranks): a compute span starts once its rank is free and its GPU is.  Processes on
-    one GPU take turns (time-slicing, no MPS), so their kernels run one after another."""
-
-    def __init__(self, devices):
-        self.of = np.asarray(devices, dtype=int)
-        self.free = np.zeros(int(self.of.max()) + 1)
+    @classmethod
+    def devices(cls, devices) -> "_Shared":
+        """``devices``: the GPU of every rank, fronts first, then each MoE layer's expert ranks."""
+        return cls(devices, 1)
 
     def start(self, first_rank: int, ready: np.ndarray, dur: np.ndarray) -> np.ndarray:
         dur = np.broadcast_to(dur, ready.shape)
         start = ready.copy()
-        for j in np.argsort(ready, kind="stable"):      # earliest-ready rank goes first
+        for j in np.argsort(ready, kind="stable"):      # earliest-ready rank takes the earliest-free server
             if dur[j] <= 0:
                 continue
-            d = self.of[first_rank + j]
-            start[j] = max(ready[j], self.free[d])
-            self.free[d] = start[j] + dur[j]
+            g = self.group[first_rank + j]
+            c = int(np.argmin(self.free[g]))
+            start[j] = max(ready[j], self.free[g, c])
+            self.free[g, c] = start[j] + dur[j]
         return start
 
 
@@ -132,11 +123,11 @@ class _Pipeline:
             raise ValueError(f"devices: {len(devices)} entries for {world} ranks")
         if devices is not None and hw.shared_cores is not None:
             raise ValueError("devices and shared cores: model one kind of sharing at a time")
-        self.cores = _Cores(hw, world) if hw.shared_cores is not None else None
-        self.devices = _Devices(devices) if devices is not None else None
+        self.shared = (_Shared.cores(hw, world) if hw.shared_cores is not None
+                       else _Shared.devices(devices) if devices is not None else None)
         # identical fronts stay in lockstep: one stands for all, unless they share cores or GPUs or
         # differ in host time
-        self.Fv = self.F if (self.cores or self.devices or front_host_s is not None) else 1
+        self.Fv = self.F if (self.shared or front_host_s is not None) else 1
         # a front's host time per micro-batch (a floor under its stages), spread over the stages as
         # their device times are
         host = None if front_host_s is None else np.broadcast_to(np.asarray(front_host_s, float), (self.Fv,))
@@ -156,10 +147,8 @@ class _Pipeline:
         """Stage i of micro-batch m on the fronts (layer i, or the head when i = L)."""
         st = self.st
         s0 = s = np.maximum(ready, self.front_free)
-        if self.cores:
-            s = self.cores.start(0, s, np.full(self.Fv, st.front_stage_s[i]))
-        elif self.devices:
-            s = self.devices.start(0, s, np.full(self.Fv, st.front_stage_s[i]))
+        if self.shared:
+            s = self.shared.start(0, s, np.full(self.Fv, st.front_stage_s[i]))
         e = s + st.front_stage_s[i]
         if self.host_share is not None:
             e = np.maximum(e, s0 + self.host_share[i])
@@ -204,10 +193,8 @@ class _Pipeline:
     def expert(self, m: int, i: int, ready: np.ndarray, busy_R: np.ndarray) -> np.ndarray:
         l = self.cfg.moe_index(i)
         s = np.maximum(ready, self.rank_free[l])
-        if self.cores:
-            s = self.cores.start(self.F + l * self.R, s, busy_R)
-        elif self.devices:
-            s = self.devices.start(self.F + l * self.R, s, busy_R)
+        if self.shared:
+            s = self.shared.start(self.F + l * self.R, s, busy_R)
         e = s + busy_R
         self.rank_free[l] = e
         if self.window[0] <= m < self.window[1]:

@@ -16,8 +16,10 @@ is aborted.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -171,8 +173,6 @@ class TorchProfile:
             return
         self.prof.stop()
         self.state = "done"
-        import gzip
-        import shutil
         out = Path(self.out)
         out.mkdir(parents=True, exist_ok=True)
         table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
