@@ -19,6 +19,7 @@ from ..io.outputs import OutputError
 from ..model.weights import WeightError
 from .interrupt import EXIT_INTERRUPTED, Interrupt
 from .job import Interrupted, ScoreOptions, load_config, prepare, run_attributes
+from .watchdog import ABORT_GRACE_S
 
 log = logging.getLogger("moe_mpi")
 USER_ERRORS = (InputError, OutputError, WeightError, ValueError)
@@ -70,6 +71,7 @@ def _launch(opts: ScoreOptions, world, interrupt: Interrupt) -> int:
         print(f"moe-mpi: {who} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         if log.isEnabledFor(logging.DEBUG):
             traceback.print_exc()
+        time.sleep(ABORT_GRACE_S)     # let the launcher forward that line before the abort
         world.Abort(1)
         return 1
 

@@ -14,6 +14,9 @@ import threading
 import time
 
 EXIT_PEER_DIED = 4
+# Before MPI_Abort: the launcher forwards a rank's stderr through a pipe and stops reading once the
+# abort reaches it, so a rank that just printed why it ends the job gives that line a moment first.
+ABORT_GRACE_S = 0.5
 
 
 def _alive(pid: int) -> bool:
@@ -63,4 +66,5 @@ class PeerWatch:
                 return
             print(f"moe-mpi: {self.describe(rank)} (pid {pid}) died without a word (killed by a signal, "
                   f"out of memory, or crashed); ending the job", file=sys.stderr, flush=True)
+            time.sleep(ABORT_GRACE_S)
             self.world.Abort(EXIT_PEER_DIED)
