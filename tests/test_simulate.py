@@ -180,3 +180,28 @@ def test_ranks_sharing_a_gpu_take_turns_and_a_front_host_floor_sets_the_pace():
     assert hosted.tokens_per_s == pytest.approx(F * layout.micro_batch_tokens / floor, rel=0.02)
     with pytest.raises(ValueError, match="entries"):
         simulate(cfg, SEED, layout, devices=[0, 1])
+
+
+def test_time_slices_stretch_each_process_by_the_processes_on_its_gpu_and_latency_is_per_front():
+    """Hand-worked, time slices: two fronts on one GPU and the experts on their own each run at half
+    the GPU all the time, so a front's micro-batch costs its host part plus twice its device part, and
+    the two fronts together finish 2 x T tokens in that time.  One process per GPU is the plain run.
+    Latency is per front: with M in flight and fronts in step, M micro-batches of one front finish in
+    M x its time per micro-batch (Little), not stretched by the other front's lag."""
+    from dataclasses import replace
+    cfg = PAPER_8
+    layout = Layout(2, 2048, 4)
+    F, world, T = layout.front_ranks, layout.world_size(cfg), layout.micro_batch_tokens
+    st = analytic.stage_times(cfg, SEED, layout)
+    device = float(analytic.stage_times(cfg, replace(SEED, op_overhead_us=0.0), layout).front_stage_s.sum())
+    per_mb = float(st.front_stage_s.sum()) + device          # host part + 2 x device part
+    plain = simulate(cfg, SEED, layout)
+    own = simulate(cfg, SEED, layout, devices=list(range(world)), gpu_sharing="slices")
+    assert own.tokens_per_s == pytest.approx(plain.tokens_per_s, rel=1e-6)
+    fronts_share = [0, 0] + list(range(1, world - F + 1))
+    sliced = simulate(cfg, SEED, layout, devices=fronts_share, gpu_sharing="slices")
+    assert per_mb > float(st.expert_rank_s.max()) + 2 * st.front_send_s    # the fronts are the bottleneck
+    assert sliced.tokens_per_s == pytest.approx(F * T / per_mb, rel=0.02)
+    assert sliced.latency_p50_s == pytest.approx(layout.in_flight * per_mb, rel=0.05)
+    with pytest.raises(ValueError, match="gpu_sharing"):
+        simulate(cfg, SEED, layout, devices=fronts_share, gpu_sharing="mps")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import heapq
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +78,8 @@ class _Trace:
 
 class _Shared:
     """Servers that ranks share, in groups: the cores of each node on a CPU box (``cores``), or one GPU
-    per group (``devices``, processes on one GPU take turns: time-slicing, no MPS).  A compute span
-    starts once its rank is free and one of its group's servers is."""
+    per group (``devices``, processes on one GPU take turns on it).  A compute span starts once its rank
+    is free and one of its group's servers is."""
 
     def __init__(self, group_of_rank: np.ndarray, per_group: int):
         self.group = np.asarray(group_of_rank, dtype=int)
@@ -115,7 +115,7 @@ class _Pipeline:
 
     def __init__(self, cfg: ModelConfig, hw: Hardware, layout: Layout, st: analytic.Stages,
                  window: tuple[int, int], rng: np.random.Generator | None, trace: _Trace | None,
-                 devices=None, front_host_s=None):
+                 devices=None, front_host_s=None, gpu_sharing: str = "turns", expert_load=None):
         self.cfg, self.hw, self.layout, self.st, self.rng, self.tr = cfg, hw, layout, st, rng, trace
         self.F, self.R = layout.front_ranks, layout.ranks_per_layer(cfg)
         world = layout.world_size(cfg)
@@ -123,11 +123,25 @@ class _Pipeline:
             raise ValueError(f"devices: {len(devices)} entries for {world} ranks")
         if devices is not None and hw.shared_cores is not None:
             raise ValueError("devices and shared cores: model one kind of sharing at a time")
+        if gpu_sharing not in ("turns", "slices"):
+            raise ValueError(f"gpu_sharing: {gpu_sharing!r}, expected 'turns' or 'slices'")
+        slices = devices is not None and gpu_sharing == "slices"
         self.shared = (_Shared.cores(hw, world) if hw.shared_cores is not None
-                       else _Shared.devices(devices) if devices is not None else None)
+                       else _Shared.devices(devices) if devices is not None and not slices else None)
+        # Time slices: every process on a GPU holds a kernel there nearly all the time (its work, or an
+        # NCCL receive posted ahead of its data, which spins), so each runs at 1/k of a GPU that k
+        # processes share; only the device part of a stage stretches, not its per-kernel host time.
+        self.stretch_front = self.stretch_LR = None
+        if slices:
+            k = np.bincount(np.asarray(devices, dtype=int))[np.asarray(devices, dtype=int)].astype(float)
+            self.stretch_front = k[:self.F]
+            self.stretch_LR = k[self.F:].reshape(cfg.n_moe_layers, self.R)
+            # the device part of each front stage: its roofline, without the per-kernel host time
+            self.device_front_s = analytic.stage_times(cfg, replace(hw, op_overhead_us=0.0), layout,
+                                                       expert_load).front_stage_s
         # identical fronts stay in lockstep: one stands for all, unless they share cores or GPUs or
         # differ in host time
-        self.Fv = self.F if (self.shared or front_host_s is not None) else 1
+        self.Fv = self.F if (self.shared or front_host_s is not None or slices) else 1
         # a front's host time per micro-batch (a floor under its stages), spread over the stages as
         # their device times are
         host = None if front_host_s is None else np.broadcast_to(np.asarray(front_host_s, float), (self.Fv,))
@@ -149,7 +163,10 @@ class _Pipeline:
         s0 = s = np.maximum(ready, self.front_free)
         if self.shared:
             s = self.shared.start(0, s, np.full(self.Fv, st.front_stage_s[i]))
-        e = s + st.front_stage_s[i]
+        dur = st.front_stage_s[i]
+        if self.stretch_front is not None:
+            dur = dur + (self.stretch_front - 1.0) * self.device_front_s[i]
+        e = s + dur
         if self.host_share is not None:
             e = np.maximum(e, s0 + self.host_share[i])
         self.front_free = e
@@ -195,6 +212,8 @@ class _Pipeline:
         s = np.maximum(ready, self.rank_free[l])
         if self.shared:
             s = self.shared.start(self.F + l * self.R, s, busy_R)
+        if self.stretch_LR is not None:     # the expert's time is nearly all device time
+            busy_R = busy_R * self.stretch_LR[l]
         e = s + busy_R
         self.rank_free[l] = e
         if self.window[0] <= m < self.window[1]:
@@ -223,7 +242,8 @@ class _Pipeline:
 
 def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.ndarray | None = None,
              n_micro_batches: int | None = None, routing_seed: int | None = None, trace: bool = False,
-             trace_ranks_per_group: int | None = 8, devices=None, front_host_s=None) -> SimResult:
+             trace_ranks_per_group: int | None = 8, devices=None, front_host_s=None,
+             gpu_sharing: str = "turns") -> SimResult:
     """Run ``n_micro_batches`` global micro-batches (default max(8 M, 32), at least 3 M) through the
     pipeline and measure its steady state.
 
@@ -232,9 +252,14 @@ def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.nda
     shares, so the busiest expert also varies by chance, as real routing does.  ``trace`` keeps
     Chrome-trace spans of the first ``trace_ranks_per_group`` fronts and expert ranks of each layer.
     ``devices`` (the GPU of every rank, fronts first, then each MoE layer's expert ranks) makes ranks
-    that share a GPU take turns on it.  ``front_host_s`` (seconds per micro-batch, one value or one per
+    that share a GPU share it as ``gpu_sharing`` says: ``"turns"``, one rank's work at a time, the GPU
+    never idle while one has work; or ``"slices"``, time slices between processes as a GPU without MPS
+    gives them, each of the k processes on a GPU running at 1/k of it all the time (each holds a kernel
+    there nearly always: its work, or an NCCL receive posted ahead of its data, which spins; measured by
+    ``benchmarks/gpu_sharing.py``).  ``front_host_s`` (seconds per micro-batch, one value or one per
     front) is a floor under each front's stages: the host time a front's loop needs per micro-batch
-    (launching, reading, writing, posting), measured on a real run.
+    (launching, reading, writing, posting), measured on a real run.  Latency is per front: from the
+    micro-batch taking its slot at a front to its head finishing there.
     """
     t_wall = time.perf_counter()
     st = analytic.stage_times(cfg, hw, layout, expert_load)
@@ -243,8 +268,9 @@ def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.nda
     window = _window(G, M)
     pipe = _Pipeline(cfg, hw, layout, st, window,
                      np.random.default_rng(routing_seed) if routing_seed is not None else None,
-                     _Trace(trace_ranks_per_group) if trace else None, devices, front_host_s)
-    started, done = np.zeros(G), np.zeros(G)
+                     _Trace(trace_ranks_per_group) if trace else None, devices, front_host_s, gpu_sharing,
+                     expert_load)
+    started, done = np.zeros((G, pipe.Fv)), np.zeros((G, pipe.Fv))
 
     heap: list = []                 # (earliest ready time, sequence number, kind, micro-batch, layer)
     payload: dict = {}
@@ -259,10 +285,10 @@ def simulate(cfg: ModelConfig, hw: Hardware, layout: Layout, expert_load: np.nda
         n_events += 1
         if kind == FRONT:
             if i == 0:
-                started[m] = float(ready.min())     # its slot came free: queueing counts as latency
+                started[m] = ready                  # its slot came free: queueing counts as latency
             end = pipe.front(m, i, ready)
             if i == L:
-                done[m] = float(end.max())
+                done[m] = end
                 nxt = (FRONT, m + M, 0, end, None) if m + M < G else None
             elif st.moe_after_stage[i]:
                 nxt = (DISPATCH, m, i, end, None)
@@ -305,9 +331,11 @@ def _steady_state(pipe: _Pipeline, st: analytic.Stages, layout: Layout, G: int, 
     """
     F, T = layout.front_ranks, layout.micro_batch_tokens
     lo, hi = pipe.window
-    finished = np.sort(done)
+    finished = np.sort(done.max(axis=1))
     t0, t1 = finished[lo], finished[hi]
     front_work = float(st.front_stage_s.sum())
+    if pipe.stretch_front is not None:      # time slices: the mean front's stretched device work
+        front_work += float((pipe.stretch_front - 1.0).mean()) * float(pipe.device_front_s.sum())
     if pipe.host_share is not None:
         front_work = max(front_work, float(pipe.host_share.sum(axis=0).max()))
 
@@ -329,7 +357,7 @@ def _steady_state(pipe: _Pipeline, st: analytic.Stages, layout: Layout, G: int, 
     return SimResult(
         tokens_per_s=F * T / cycle,
         latency_s=float((done - started)[lo:hi].mean()),
-        latency_p50_s=float(np.median((done - started)[lo:hi])),
+        latency_p50_s=float(np.median((done - started)[lo:hi])),     # over micro-batches and fronts
         front_util=front_work / cycle,
         expert_util_mean=float(pipe.busy_LR.mean()) / (per_mb * cycle) if L_moe else 0.0,
         expert_util_max=float(pipe.busy_LR.max()) / (per_mb * cycle) if L_moe else 0.0,
