@@ -262,7 +262,9 @@ def main() -> int:
     p.add_argument("--micro-batch-tokens", type=int, default=2048)
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--variants", default="fronts=2;fronts=2,in_flight=8;fronts=3;fronts=4,place=shared,in_flight=8",
-                   help="distributed runs, ';'-separated, each 'fronts=F,in_flight=N,thread=0|1,place=split|shared': "
+                   help="distributed runs, ';'-separated, each "
+                        "'fronts=F,in_flight=N,thread=0|1,place=split|shared,channels=N' "
+                        "(channels: NCCL_MAX_NCHANNELS for that run): "
                         "split puts the fronts alone on the first GPUs (at most all but one) and the experts on "
                         "the rest; shared binds every rank round-robin over every GPU (a front and some "
                         "experts per GPU)")
@@ -319,11 +321,14 @@ def main() -> int:
         thread, place = opts.get("thread", "0"), opts.get("place", "split")
         name = (f"distributed, {F} fronts" + (", GPUs shared" if place == "shared" else "")
                 + (f", {in_flight} in flight" if in_flight != args.in_flight else "")
-                + (", progress thread" if thread == "1" else ""))
+                + (", progress thread" if thread == "1" else "")
+                + (f", NCCL channels {opts['channels']}" if "channels" in opts else ""))
         out, trace = work / f"dist{i}.h5", work / f"trace{i}.json"
         rest = [*common, "--front-ranks", str(F), "--transport", args.transport, "--trace", str(trace),
                 "--in-flight", str(in_flight)]
         envs = [f"MOE_MPI_PROGRESS_THREAD={thread}"]
+        if "channels" in opts:      # at most this many NCCL channels (and SMs held by a pending transfer)
+            envs.append(f"NCCL_MAX_NCHANNELS={opts['channels']}")
         if device.type == "cpu" or n_gpus < 2 or place == "shared":
             cmd = [*mpiexec(), "-n", str(F + n_experts), "env", *envs, *py, str(out), *rest]
             where = (f"{F} fronts and {n_experts} experts bound round-robin to GPUs 0-{n_gpus - 1} by rank "
@@ -394,7 +399,9 @@ def main() -> int:
         res["profile_single"] = profile_single(cfg, tokens, lengths, device, args.seed)
 
     env_info = environment(device)
-    slug = card_slug(device) + ("_small" if args.small else "")
+    # the target layout has 4 GPUs; runs on other machines say how many they had
+    slug = ((f"{n_gpus}gpus_" if device.type == "cuda" and n_gpus != 4 else "") + card_slug(device)
+            + ("_small" if args.small else ""))
     if res.get("best") in traces:   # the trace of the headline run
         Path(args.out).mkdir(parents=True, exist_ok=True)
         with open(traces[res["best"]], "rb") as src, \

@@ -7,7 +7,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
 WORK=${WORK:-/tmp/gpu_suite_work}
-STEPS=${STEPS:-"env expert front exchange e2e tests"}
+STEPS=${STEPS:-"env expert front exchange sharing e2e tests"}
 mkdir -p "$OUT" "$WORK/results" "$WORK/logs"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast off (it can wedge GPUs that others share); Open MPI's mpiexec as root
@@ -38,6 +38,9 @@ if [ "$NGPU" -ge 4 ]; then
 else
     echo "=== exchange: skipped, needs 4 GPUs (have $NGPU)"
 fi
-step e2e ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90
+if [ "$NGPU" -ge 2 ]; then
+    step sharing 120 $PY benchmarks/gpu_sharing.py --out "$WORK/results"
+fi
+step e2e ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90 ${E2E_ARGS:-}
 step tests ${TESTS_LIMIT:-240} $PY -m pytest -q tests/test_gpu.py -k "${TESTS_K:-not on_cpu}" -p no:cacheprovider
 ls -la "$WORK/results" "$OUT"
