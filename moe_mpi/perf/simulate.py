@@ -17,7 +17,8 @@ max(ready, free).  Link contention: a front's sends (or receives) of different l
 queue on its one link, and an expert rank's transfer takes at least its bytes / bandwidth after the first
 front started sending.  A front's micro-batch slot is reused by micro-batch m + M when m leaves the head.
 On a CPU box whose ranks share a few cores (``Hardware.shared_cores``) a rank computes only while it holds
-a core; ranks that share a GPU take turns on it or get time slices (``gpu_sharing``).  Not modelled: network topology beyond in-node / between nodes, CPU time spent in MPI copies.
+a core; ranks that share a GPU take turns on it or get time slices (``gpu_sharing``).  Not modelled:
+network topology beyond in-node / between nodes, CPU time spent in MPI copies.
 """
 from __future__ import annotations
 
