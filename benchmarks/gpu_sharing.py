@@ -103,7 +103,8 @@ def _proc(rank: int, port: int, barrier, stop, results, cases, tag) -> None:
                     torch.nn.functional.linear(*big)
                     torch.cuda.current_stream(dev).synchronize()
             barrier.wait()
-            stop.clear() if rank == W else None
+            if rank == W:
+                stop.clear()
             if rank == P:
                 for r in waiting:
                     dist.send(buf, dst=r, group=pair[r])

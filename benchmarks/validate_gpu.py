@@ -153,6 +153,7 @@ def main() -> int:
     if args.calibrate_on not in runs:
         raise SystemExit(f"--calibrate-on {args.calibrate_on!r}: not a distributed run of the results ({list(runs)})")
     writer_s, other_s = front_host_s(e2e["runs"][args.calibrate_on], T)
+    err = lambda x, m: 100 * (x - m) / m     # noqa: E731  (prediction vs measurement, %)
     table = []
     for name, r in runs.items():
         F = int(re.match(r"distributed, (\d+) fronts", name).group(1))
@@ -170,7 +171,6 @@ def main() -> int:
         meas_tps = r["tokens_per_s"]
         meas_p50 = r.get("latency_p50_ms", float("nan")) / 1e3
         meas_mean = M * F * T / meas_tps         # Little's law: M micro-batches of each front always in flight
-        err = lambda x, m: 100 * (x - m) / m     # noqa: E731
         table.append({"run": name + (" (calibration: fit)" if name == args.calibrate_on else ""),
                       "calibration": name == args.calibrate_on, "F": F, "M": M, "meas_tps": meas_tps,
                       "sim_tps": sim.tokens_per_s, "err_tps": err(sim.tokens_per_s, meas_tps),

@@ -132,7 +132,7 @@ class _Pipeline:
         # Time slices: every process on a GPU holds a kernel there nearly all the time (its work, or an
         # NCCL receive posted ahead of its data, which spins), so each runs at 1/k of a GPU that k
         # processes share; only the device part of a stage stretches, not its per-kernel host time.
-        self.stretch_front = self.stretch_LR = None
+        self.stretch_front = self.stretch_LR = self.device_front_s = None
         if slices:
             k = np.bincount(np.asarray(devices, dtype=int))[np.asarray(devices, dtype=int)].astype(float)
             self.stretch_front = k[:self.F]

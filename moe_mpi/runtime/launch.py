@@ -19,7 +19,7 @@ from ..io.outputs import OutputError
 from ..model.weights import WeightError
 from .interrupt import EXIT_INTERRUPTED, Interrupt
 from .job import Interrupted, ScoreOptions, load_config, prepare, run_attributes
-from .watchdog import ABORT_GRACE_S
+from .watchdog import abort_job
 
 log = logging.getLogger("moe_mpi")
 USER_ERRORS = (InputError, OutputError, WeightError, ValueError)
@@ -71,8 +71,7 @@ def _launch(opts: ScoreOptions, world, interrupt: Interrupt) -> int:
         print(f"moe-mpi: {who} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         if log.isEnabledFor(logging.DEBUG):
             traceback.print_exc()
-        time.sleep(ABORT_GRACE_S)     # let the launcher forward that line before the abort
-        world.Abort(1)
+        abort_job(world, 1)
         return 1
 
 
@@ -139,7 +138,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
             done = int(out.done.sum())
             out.close()
             error(Interrupted.message(control.signal_name, done, prep.spec.n_seqs, opts.output))
-            comm_world.Abort(EXIT_INTERRUPTED)  # the experts still wait for steps that will not come
+            abort_job(comm_world, EXIT_INTERRUPTED)  # the experts still wait for steps that will not come
         elapsed = time.perf_counter() - rec.t0
         summaries = comms.world.gather(rec.summary(), root=0)
         events = comms.world.gather(rec.events, root=0) if opts.trace else None

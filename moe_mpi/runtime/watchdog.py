@@ -14,9 +14,14 @@ import threading
 import time
 
 EXIT_PEER_DIED = 4
-# Before MPI_Abort: the launcher forwards a rank's stderr through a pipe and stops reading once the
-# abort reaches it, so a rank that just printed why it ends the job gives that line a moment first.
 ABORT_GRACE_S = 0.5
+
+
+def abort_job(world, code: int) -> None:
+    """MPI_Abort, after a moment: the launcher forwards a rank's stderr through a pipe and stops reading
+    once the abort reaches it, so the line the rank just printed about why it ends the job would be lost."""
+    time.sleep(ABORT_GRACE_S)
+    world.Abort(code)
 
 
 def _alive(pid: int) -> bool:
@@ -66,5 +71,4 @@ class PeerWatch:
                 return
             print(f"moe-mpi: {self.describe(rank)} (pid {pid}) died without a word (killed by a signal, "
                   f"out of memory, or crashed); ending the job", file=sys.stderr, flush=True)
-            time.sleep(ABORT_GRACE_S)
-            self.world.Abort(EXIT_PEER_DIED)
+            abort_job(self.world, EXIT_PEER_DIED)
