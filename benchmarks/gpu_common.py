@@ -2,10 +2,14 @@
 device copy bandwidth), event timing, and writing a results table as markdown + JSON."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -74,7 +78,6 @@ def time_sustained(fn, device: torch.device, *, warm_s: float = 0.3, run_s: floa
 
 def gpu_clocks(device: torch.device) -> dict:
     """SM clock (MHz), power (W) and temperature (C) as nvidia-smi reads them now; {} without it."""
-    import subprocess
     if device.type != "cuda":
         return {}
     try:
@@ -143,3 +146,34 @@ def environment(device: torch.device) -> dict:
         except Exception:  # noqa: BLE001 - informative only
             pass
     return env
+
+
+@contextlib.contextmanager
+def mps_daemon(work: str | Path):
+    """Run what follows under CUDA MPS: start a control daemon of our own (pipe and log directories under
+    ``work``, so no daemon of anyone else's is touched), point this process's environment, and so every
+    process started from here, at it, and quit it afterwards.  Yields its environment variables, or
+    None where ``nvidia-cuda-mps-control`` is missing.  Call it before this process first uses CUDA: a
+    process that made its context before is not a client.  The GPUs' settings (compute mode) are left
+    as they are; in the default mode MPS clients and other processes may share a GPU."""
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        yield None
+        return
+    pipe, logs = Path(work) / "mps_pipe", Path(work) / "mps_log"
+    pipe.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    mps = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+    env = dict(os.environ, **mps)
+    subprocess.run([exe, "-d"], env=env, check=True, timeout=30)
+    saved = {k: os.environ.get(k) for k in mps}
+    os.environ.update(mps)
+    try:
+        yield mps
+    finally:
+        subprocess.run([exe], input="quit\n", env=env, text=True, timeout=60, check=False)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -15,10 +15,15 @@ measured in this run), busy fraction per rank (the runtime's host spans) and GPU
 (nvidia-smi, sampled over each scoring window), micro-batch latency p50/p99, and the agreement of the
 bf16 outputs with an fp32 run of the same tokens (log-probabilities, routing and its near-ties).
 Results: benchmarks/results/gpu_end_to_end_<card>.{md,json} and the distributed run's trace.
+
+``--mps`` runs everything (this process, every launch and the one-process run) under a CUDA MPS daemon
+started for the purpose, so that kernels of the processes sharing a GPU can run side by side instead of
+taking time slices; its files are named ``..._mps_<card>``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -38,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, card_slug, environment, matmul_peak, write_results  # noqa: E402
+from gpu_common import RESULTS, card_slug, environment, matmul_peak, mps_daemon, write_results  # noqa: E402
 from gpu_e2e_report import report  # noqa: E402
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.model.transformer import Batch, LocalExperts, drive  # noqa: E402
@@ -263,8 +268,9 @@ def main() -> int:
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--variants", default="fronts=2;fronts=2,in_flight=8;fronts=3;fronts=4,place=shared,in_flight=8",
                    help="distributed runs, ';'-separated, each "
-                        "'fronts=F,in_flight=N,thread=0|1,place=split|shared,channels=N' "
-                        "(channels: NCCL_MAX_NCHANNELS for that run): "
+                        "'fronts=F,in_flight=N,thread=0|1,place=split|shared,channels=N,NAME=VALUE' "
+                        "(channels: NCCL_MAX_NCHANNELS for that run; an upper-case NAME: an environment "
+                        "variable for that run, e.g. NCCL_CUMEM_ENABLE=0): "
                         "split puts the fronts alone on the first GPUs (at most all but one) and the experts on "
                         "the rest; shared binds every rank round-robin over every GPU (a front and some "
                         "experts per GPU)")
@@ -274,13 +280,22 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--mps", action="store_true", help="run everything under a CUDA MPS daemon of its own")
     args = p.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="moe_e2e_"))
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if args.mps:      # before this process first uses CUDA, so that it is a client too
+            if stack.enter_context(mps_daemon(work)) is None:
+                raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH")
+        return run_all(args, work)
+
+
+def run_all(args, work: Path) -> int:
     if args.small:
         args.sequences, args.seq_len, args.micro_batch_tokens, args.check_sequences = 12, 48, 96, 4
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     cfg = slice_config(args.small)
-    work = Path(args.work or tempfile.mkdtemp(prefix="moe_e2e_"))
-    work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / "slice.json"
     cfg_path.write_text(json.dumps(cfg.to_dict(), indent=1))
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -322,13 +337,16 @@ def main() -> int:
         name = (f"distributed, {F} fronts" + (", GPUs shared" if place == "shared" else "")
                 + (f", {in_flight} in flight" if in_flight != args.in_flight else "")
                 + (", progress thread" if thread == "1" else "")
-                + (f", NCCL channels {opts['channels']}" if "channels" in opts else ""))
+                + (f", NCCL channels {opts['channels']}" if "channels" in opts else "")
+                + "".join(f", {k}={v}" for k, v in opts.items() if k.isupper())
+                + (", MPS" if args.mps else ""))
         out, trace = work / f"dist{i}.h5", work / f"trace{i}.json"
         rest = [*common, "--front-ranks", str(F), "--transport", args.transport, "--trace", str(trace),
                 "--in-flight", str(in_flight)]
         envs = [f"MOE_MPI_PROGRESS_THREAD={thread}"]
         if "channels" in opts:      # at most this many NCCL channels (and SMs held by a pending transfer)
             envs.append(f"NCCL_MAX_NCHANNELS={opts['channels']}")
+        envs += [f"{k}={v}" for k, v in opts.items() if k.isupper()]
         if device.type == "cpu" or n_gpus < 2 or place == "shared":
             cmd = [*mpiexec(), "-n", str(F + n_experts), "env", *envs, *py, str(out), *rest]
             where = (f"{F} fronts and {n_experts} experts bound round-robin to GPUs 0-{n_gpus - 1} by rank "
@@ -349,12 +367,14 @@ def main() -> int:
                          f"{where}, {in_flight} micro-batches in flight per front, exchange progress "
                          f"thread {'off' if thread == '0' else 'on'}"))
     single_out = work / "single.h5"
-    single_env = dict(env, CUDA_VISIBLE_DEVICES="0") if device.type == "cuda" else env
+    # GPU 0 only; an MPS client takes the GPUs its server sees, so there it is left to pick device 0
+    single_env = dict(env, CUDA_VISIBLE_DEVICES="0") if device.type == "cuda" and not args.mps else env
     single_cmd = [sys.executable, "-m", "moe_mpi", "score", str(inp), str(single_out), *common]
     print("one process:", " ".join(single_cmd), flush=True)
     rc, t_end, log = run(single_cmd, single_env, work / "single.log", args.timeout)
     print(log[-800:], flush=True)
-    launches.append(("one process", rc, single_out, t_end, 1, None, "one process on GPU 0" if n_gpus else "one process"))
+    launches.append(("one process", rc, single_out, t_end, 1, None,
+                     ("one process on GPU 0" if n_gpus else "one process") + (", MPS" if args.mps else "")))
     if sampler:
         sampler.stop()
 
@@ -400,7 +420,8 @@ def main() -> int:
 
     env_info = environment(device)
     # the target layout has 4 GPUs; runs on other machines say how many they had
-    slug = ((f"{n_gpus}gpus_" if device.type == "cuda" and n_gpus != 4 else "") + card_slug(device)
+    slug = ((f"{n_gpus}gpus_" if device.type == "cuda" and n_gpus != 4 else "") + ("mps_" if args.mps else "")
+            + card_slug(device)
             + ("_small" if args.small else ""))
     if res.get("best") in traces:   # the trace of the headline run
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -15,14 +15,18 @@ on GPU 0 do one of these:
 and, within the worker itself, an NCCL receive pending on a side stream while it computes.  Reported:
 the worker's time per product in each case over its time alone.  Without MPS, kernels of different
 processes do not run at once: the GPU gives its contexts time slices, and a context whose only kernel
-is a spinning NCCL receive still takes its slices.
+is a spinning NCCL receive still takes its slices.  With ``--mps`` (the default where
+``nvidia-cuda-mps-control`` exists) every case runs once more under an MPS daemon of its own, where
+kernels of different processes can run side by side.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -32,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import RESULTS, card_slug, environment, md_table, write_results  # noqa: E402
+from gpu_common import RESULTS, card_slug, environment, md_table, mps_daemon, write_results  # noqa: E402
 
 W, N1, N2, P = 0, 1, 2, 3          # worker, two neighbours on GPU 0, the peer on GPU 1
 KERNELS = {                        # name: (rows, in, out, count, host sync every)
@@ -120,6 +124,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--channels", default="1,2",
                     help="also run the NCCL cases with NCCL_MAX_NCHANNELS set to each of these")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds for each run of the cases")
+    ap.add_argument("--mps", action=argparse.BooleanOptionalAction,
+                    default=shutil.which("nvidia-cuda-mps-control") is not None,
+                    help="also run every case under CUDA MPS (default: where nvidia-cuda-mps-control exists)")
     args = ap.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit("gpu_sharing: needs 2 GPUs")
@@ -129,29 +137,47 @@ def main() -> int:
     nccl_cases = [c for c in CASES if c[1] or c[3]]
     runs = [("NCCL default", None, CASES)] + [(f"NCCL_MAX_NCHANNELS={c}", c, [CASES[0], *nccl_cases])
                                              for c in args.channels.split(",") if c]
+    if args.mps:
+        runs.append(("NCCL default, MPS", None, CASES))
+    work = tempfile.mkdtemp(prefix="moe_sharing_")
+    failed = []
     for i, (tag, channels, cases) in enumerate(runs):
         if channels is None:
             os.environ.pop("NCCL_MAX_NCHANNELS", None)
         else:
             os.environ["NCCL_MAX_NCHANNELS"] = channels      # the children inherit it
-        barrier, stop = ctx.Barrier(4), ctx.Event()
-        port = 29500 + (os.getpid() * 7 + i) % 1000
-        procs = [ctx.Process(target=_proc, args=(r, port, barrier, stop, results, cases, tag)) for r in range(4)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=600)
-        if any(p.exitcode != 0 for p in procs):
-            raise SystemExit(f"gpu_sharing: a process failed ({tag}): exit codes {[p.exitcode for p in procs]}")
+        with mps_daemon(Path(work) / f"run{i}") if "MPS" in tag else contextlib.nullcontext(True) as on:
+            if on is None:
+                print(f"{tag}: skipped, nvidia-cuda-mps-control is missing", flush=True)
+                failed.append(tag)
+                continue
+            barrier, stop = ctx.Barrier(4), ctx.Event()
+            port = 29500 + (os.getpid() * 7 + i) % 1000
+            procs = [ctx.Process(target=_proc, args=(r, port, barrier, stop, results, cases, tag)) for r in range(4)]
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + args.timeout
+            for p in procs:
+                p.join(timeout=max(1.0, deadline - time.monotonic()))
+            if any(p.exitcode != 0 for p in procs):
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                print(f"gpu_sharing: a process failed ({tag}): exit codes {[p.exitcode for p in procs]}", flush=True)
+                for log in sorted((Path(work) / f"run{i}" / "mps_log").glob("*.log")):
+                    print(f"--- {log}:", *log.read_text().splitlines()[-15:], sep="\n", flush=True)
+                failed.append(tag)
     os.environ.pop("NCCL_MAX_NCHANNELS", None)
     dev = torch.device("cuda", 0)
     rows = []
     for tag, _, cases in runs:
         for kname in KERNELS:
-            alone = results[(tag, kname, "alone")]
+            alone = results.get((tag, kname, "alone"))
             for cname, *_ in cases:
-                t = results[(tag, kname, cname)]
-                rows.append({"nccl": tag, "kernel": kname, "case": cname, "us": 1e6 * t, "slowdown": t / alone})
+                t = results.get((tag, kname, cname))
+                if t is not None:
+                    rows.append({"nccl": tag, "kernel": kname, "case": cname, "us": 1e6 * t,
+                                 "slowdown": t / alone if alone else float("nan")})
     cols = [("nccl", "NCCL", ""), ("kernel", "worker's products", ""), ("case", "other work on GPU 0", ""),
             ("us", "us per product", ".1f"), ("slowdown", "vs alone", ".2f")]
     env = environment(dev)
@@ -159,13 +185,16 @@ def main() -> int:
                     "A worker process on GPU 0 times a chain of bf16 matrix products while other processes "
                     "on GPU 0 hold a context and do nothing, wait in an NCCL receive from GPU 1 (sent once the "
                     "worker is done), or compute; and with an NCCL receive pending in the worker itself. "
-                    "No MPS: contexts of different processes take time slices.", "",
-                    md_table(rows, cols), ""])
+                    "Without MPS, contexts of different processes take time slices; the rows marked MPS ran "
+                    "under an MPS daemon started for them (every process a client), where kernels of "
+                    "different processes can run at once.", "",
+                    md_table(rows, cols), ""]
+                   + ([f"Failed or skipped: {', '.join(failed)}.", ""] if failed else []))
     paths = write_results(args.out, f"gpu_sharing_{card_slug(dev)}", md,
-                          {"environment": env, "rows": rows})
+                          {"environment": env, "rows": rows, "failed": failed})
     print(md)
     print("wrote", *paths)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
 WORK=${WORK:-/tmp/gpu_suite_work}
-STEPS=${STEPS:-"env expert front exchange sharing e2e tests"}
+STEPS=${STEPS:-"env expert front exchange sharing e2e e2e_mps tests"}
 mkdir -p "$OUT" "$WORK/results" "$WORK/logs"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast off (it can wedge GPUs that others share); Open MPI's mpiexec as root
@@ -25,7 +25,9 @@ step() {  # step NAME SECONDS COMMAND...
     timeout -k 10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1
     echo "=== $name: exit $? after $((SECONDS - t0))s"
     tail -n "${TAIL:-12}" "$WORK/logs/$name.log"
-    cp "$WORK"/e2e/*.log "$WORK/logs/" 2>/dev/null
+    for d in e2e e2e_mps; do
+        mkdir -p "$WORK/logs/$d" && cp "$WORK"/$d/*.log "$WORK"/$d/mps_log/*.log "$WORK/logs/$d/" 2>/dev/null
+    done
     tar -C "$WORK" -czf "$OUT/suite.tar.gz" results logs
 }
 
@@ -39,8 +41,10 @@ else
     echo "=== exchange: skipped, needs 4 GPUs (have $NGPU)"
 fi
 if [ "$NGPU" -ge 2 ]; then
-    step sharing 120 $PY benchmarks/gpu_sharing.py --out "$WORK/results"
+    step sharing ${SHARING_LIMIT:-240} $PY benchmarks/gpu_sharing.py --out "$WORK/results" ${SHARING_ARGS:-}
 fi
 step e2e ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90 ${E2E_ARGS:-}
+# the same under CUDA MPS (a daemon of the benchmark's own): kernels of ranks that share a GPU side by side
+step e2e_mps ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --mps --out "$WORK/results" --work "$WORK/e2e_mps" --timeout 90 ${E2E_ARGS:-}
 step tests ${TESTS_LIMIT:-240} $PY -m pytest -q tests/test_gpu.py -k "${TESTS_K:-not on_cpu}" -p no:cacheprovider
 ls -la "$WORK/results" "$OUT"

@@ -8,6 +8,7 @@ them (a route that flips at layer l, position t changes what later layers see at
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from conftest import MPIEXEC, REPO, cli, env, make_tokens, mpirun, read
 from moe_mpi.config import ModelConfig
 from moe_mpi.model.transformer import Batch, LocalExperts, drive
 from moe_mpi.model.weights import build_all_experts, build_front, random_tensor
+from moe_mpi.parallel.devices import Slot, describe_sharing, mps_control
 from moe_mpi.parallel.exchange import mpi_cuda_aware
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -135,6 +137,31 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=240, env=run_env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "round trips all correct" in proc.stdout
+
+
+def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
+    """Rank 0's log line: one GPU each; shared without MPS (with the hint); shared under MPS; a mix.
+    The MPS check finds a daemon's control pipe where CUDA would look for it."""
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert mps_control() is None
+    os.mkfifo(tmp_path / "control")
+    assert mps_control() == str(tmp_path / "control")
+
+    def slots(gpus, mps):
+        return [Slot("n1", f"GPU-{g}", g, "H", m) for g, m in zip(gpus, mps)]
+
+    assert describe_sharing(slots([0, 1, 2], [False] * 3)) == "GPUs: 3 ranks, one GPU each (H)"
+    off = describe_sharing(slots([0, 1, 0, 1, 1], [False] * 5))
+    assert off.splitlines()[:3] == [
+        "GPUs: 5 ranks share 2 GPUs (each process has its own context; the GPU time-slices between them):",
+        "  n1 GPU GPU-0 (H, index 0 for rank 0): ranks 0, 2",
+        "  n1 GPU GPU-1 (H, index 1 for rank 1): ranks 1, 3, 4"]
+    assert "nvidia-cuda-mps-control -d" in off.splitlines()[3]
+    on = describe_sharing(slots([0, 1, 0, 1, 1], [True] * 5))
+    assert on.splitlines()[0] == "GPUs: 5 ranks share 2 GPUs (under MPS, their kernels run side by side):"
+    assert len(on.splitlines()) == 3
+    mixed = describe_sharing(slots([0, 1, 0, 2], [True, False, False, False]))   # rank 1 is alone
+    assert mixed.splitlines()[0] == "GPUs: 4 ranks share 3 GPUs (rank 2 found no MPS daemon and takes time slices):"
 
 
 # --- on GPUs ---

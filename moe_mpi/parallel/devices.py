@@ -3,7 +3,8 @@
 MPI numbers the ranks of one node 0..n-1 (``Split_type(COMM_TYPE_SHARED)``); node-local rank i takes
 GPU i mod n_gpus of the GPUs it may use: those it sees, or the device indices listed in MOE_MPI_GPUS.
 With more ranks than GPUs, ranks share GPUs: that works (each process has its own CUDA context and
-the GPU time-slices between them), and rank 0 logs who shares which GPU.  To place roles on GPUs, give
+the GPU time-slices between them, or, under CUDA MPS, runs their kernels side by side), and rank 0 logs
+who shares which GPU and whether each rank found an MPS daemon.  To place roles on GPUs, give
 each group of ranks its own MOE_MPI_GPUS in an MPMD launch, e.g. the fronts on GPUs 0-1 and the experts
 on GPUs 2-3 (docs/gpu.md); unlike CUDA_VISIBLE_DEVICES this leaves every GPU visible to every rank.
 """
@@ -27,6 +28,7 @@ class Slot:
     uuid: str           # the GPU's UUID; "cpu" for a CPU rank
     index: int          # CUDA device index as this rank sees it (-1 on CPU)
     name: str
+    mps: bool = False   # an MPS control daemon's pipe was there when this rank made its CUDA context
 
     @property
     def key(self) -> tuple[str, str]:
@@ -38,7 +40,15 @@ def slot_of(device: torch.device) -> Slot:
     if device.type != "cuda":
         return Slot(host, "cpu", -1, "cpu")
     props = torch.cuda.get_device_properties(device)
-    return Slot(host, str(getattr(props, "uuid", f"index-{device.index}")), device.index, props.name)
+    return Slot(host, str(getattr(props, "uuid", f"index-{device.index}")), device.index, props.name,
+                mps_control() is not None)
+
+
+def mps_control() -> str | None:
+    """The control pipe of the CUDA MPS daemon this process's CUDA contexts go through, if there is one
+    (``$CUDA_MPS_PIPE_DIRECTORY/control``, by default under /tmp/nvidia-mps)."""
+    pipe = os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps", "control")
+    return pipe if os.path.exists(pipe) else None
 
 
 def local_rank(world) -> tuple[int, int]:
@@ -101,10 +111,26 @@ def describe_sharing(slots: list[Slot]) -> str:
     users = sharing(slots)
     if all(len(r) == 1 for r in users.values()):
         return f"GPUs: {len(slots)} ranks, one GPU each ({slots[0].name})"
-    lines = [f"GPUs: {len(slots)} ranks share {len(users)} GPUs (each process has its own context; the GPU "
-             "time-slices between them):"]
+    shared = [r for ranks in users.values() if len(ranks) > 1 for r in ranks]
+    without = [r for r in shared if not slots[r].mps]
+    if not without:
+        how = "under MPS, their kernels run side by side"
+    elif len(without) == len(shared):
+        how = "each process has its own context; the GPU time-slices between them"
+    else:
+        one = len(without) == 1
+        how = f"rank{'' if one else 's'} {_ranks(without)} found no MPS daemon and take{'s' if one else ''} time slices"
+    lines = [f"GPUs: {len(slots)} ranks share {len(users)} GPUs ({how}):"]
     for (host, uuid), ranks in users.items():
         first = slots[ranks[0]]
         lines.append(f"  {host} GPU {uuid[:13]} ({first.name}, index {first.index} for rank {ranks[0]}): "
-                     f"ranks {', '.join(map(str, ranks))}")
+                     f"ranks {_ranks(ranks)}")
+    if without:
+        lines.append("  Without MPS a process gets 1/k of a GPU that k processes keep busy, and a rank "
+                     "waiting in an NCCL receive keeps it busy; start an MPS daemon on each node "
+                     "(nvidia-cuda-mps-control -d) before the launch: docs/gpu.md")
     return "\n".join(lines)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
