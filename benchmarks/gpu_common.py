@@ -171,7 +171,10 @@ def mps_daemon(work: str | Path):
     try:
         yield mps
     finally:
-        subprocess.run([exe], input="quit\n", env=env, text=True, timeout=60, check=False)
+        # the daemon quits once its clients are gone; this process may be one, so do not wait for it
+        quit_ = subprocess.Popen([exe], stdin=subprocess.PIPE, env=env, text=True)
+        quit_.stdin.write("quit\n")
+        quit_.stdin.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
