@@ -337,10 +337,10 @@ class NCCLTransport(OpTransport):
             return self.staged
         return self.nccl
 
-    def progress(self) -> None:
+    def _pass(self) -> None:
         with self.lock:
             self.net.poll()
-            super().progress()
+            super()._pass()
 
     def background_progress(self) -> None:
         if any(self.net.controls.values()) or any(self.net.gos.values()):

@@ -77,7 +77,7 @@ class Waiter:
 
     def __init__(self, ctx: Context):
         # GPU ranks are not oversubscribed, and a front asleep past a finished exchange idles its GPU
-        backoff = Backoff() if ctx.device.type == "cpu" else Backoff(cap=2e-4)
+        backoff = Backoff() if ctx.device.type == "cpu" else Backoff(cap=5e-5)
         self.ctx, self.backoff, self.last = ctx, backoff, time.monotonic()
         self.deadline = ctx.opts.deadline * (1.0 if ctx.role.kind == "front" else 1.5)
 
