@@ -42,10 +42,14 @@ def report(res: dict, env: dict, args) -> str:
     for name, r in runs.items():
         rows.append({"run": name, "gpus": r["gpus"], "tokens": r["tokens"], "elapsed": r["elapsed_s"],
                      "tps": r["tokens_per_s"], "speedup": r.get("speedup"), "mfu": r["mfu"],
+                     "first": r.get("first_result_s"), "steady": r.get("steady_tokens_per_s"),
+                     "steady_x": r.get("steady_speedup"),
                      "p50": r.get("latency_p50_ms"), "p99": r.get("latency_p99_ms"),
                      "util": ", ".join(f"GPU{g} {u:.2f}" for g, u in r.get("gpu_utilization", {}).items()) or None})
     cols = [("run", "run", ""), ("gpus", "GPUs", "d"), ("tokens", "tokens", "d"), ("elapsed", "scoring (s)", ".2f"),
             ("tps", "tokens/s", ".0f"), ("speedup", "vs one process", ".2f"), ("mfu", "MFU", ".3f"),
+            ("first", "first results (s)", ".2f"), ("steady", "tokens/s past start-up", ".0f"),
+            ("steady_x", "past start-up vs one process", ".2f"),
             ("p50", "latency p50 (ms)", ".1f"), ("p99", "latency p99 (ms)", ".1f"),
             ("util", "GPU utilisation (nvidia-smi)", "")]
     c = res["config"]
@@ -60,7 +64,11 @@ def report(res: dict, env: dict, args) -> str:
              f"(scoring time x GPUs x matrix-product peak measured in this run, "
              f"{sum(res['peak_tflops_per_gpu'].values()) / len(res['peak_tflops_per_gpu']):.0f} TFLOP/s per GPU).", "",
              "Layouts: " + "; ".join(f"{k}: {r['layout']}" for k, r in runs.items()) + ".", "",
-             md_table(rows, cols), ""]
+             md_table(rows, cols), "",
+             "'tokens/s' is all tokens over the scoring time.  'First results' and 'tokens/s past start-up' "
+             "come from the run's trace (rank 0 writes each micro-batch's results as they arrive): seconds "
+             "until the first write, and the rate over the last three quarters of the writes, which leaves "
+             "out the pipeline filling up; the one-process run has no trace and is compared as measured.", ""]
     failed = [k for k, rc in res["returncodes"].items() if rc]
     if failed:
         lines += [f"Failed runs (see logs): {', '.join(failed)}.", ""]

@@ -225,6 +225,25 @@ def trace_summary(path: Path) -> dict:
     return per
 
 
+def steady_state(path: Path, seq_len: int) -> dict | None:
+    """When results first came and how fast they came after the start-up, from a run's trace: rank 0
+    writes every micro-batch's results as they arrive ('write' spans, ``sequences`` each).  Returns the
+    seconds from the start of scoring to the first write, the longest pause between two writes, and
+    tokens/s over the last three quarters of the writes; None without writes."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    writes = sorted((e["ts"] + e["dur"], e.get("args", {}).get("sequences", 1)) for e in events if e["name"] == "write")
+    if len(writes) < 4:
+        return None
+    t0 = min(e["ts"] for e in events)
+    t = np.array([w for w, _ in writes], dtype=np.float64) / 1e6 - t0 / 1e6
+    q = len(writes) // 4
+    seqs = sum(n for _, n in writes[q + 1:])
+    return {"first_result_s": float(t[0]), "longest_pause_s": float(np.diff(t).max()),
+            "steady_tokens_per_s": seqs * seq_len / float(t[-1] - t[q]), "writes": len(writes)}
+
+
 def profile_single(cfg, tokens, lengths, device, seed: int) -> list[dict]:
     """GPU time by kernel of two bf16 micro-batches of the one-process run (after one warm-up)."""
     from torch.profiler import ProfilerActivity, profile
@@ -281,7 +300,11 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--mps", action="store_true", help="run everything under a CUDA MPS daemon of its own")
+    p.add_argument("--steady", metavar="TRACE", help="only print steady_state() of a saved trace (.json[.gz])")
     args = p.parse_args()
+    if args.steady:
+        print(json.dumps(steady_state(Path(args.steady), args.seq_len), indent=1))
+        return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="moe_e2e_"))
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -401,12 +424,18 @@ def run_all(args, work: Path) -> int:
         if trace is not None and trace.exists():
             traces[name] = trace
             r["trace_seconds_by_category"] = trace_summary(trace)
+            steady = steady_state(trace, args.seq_len)
+            if steady:
+                r.update(steady)
         runs[name] = (r, d)
     res["runs"] = {k: v[0] for k, v in runs.items()}
     dists = [k for k in runs if k.startswith("distributed")]
     if dists and "one process" in runs:
+        one = runs["one process"][0]["tokens_per_s"]
         for k in dists:
-            res["runs"][k]["speedup"] = runs[k][0]["tokens_per_s"] / runs["one process"][0]["tokens_per_s"]
+            res["runs"][k]["speedup"] = runs[k][0]["tokens_per_s"] / one
+            if "steady_tokens_per_s" in res["runs"][k]:
+                res["runs"][k]["steady_speedup"] = res["runs"][k]["steady_tokens_per_s"] / one
         res["best"] = max(dists, key=lambda k: runs[k][0]["tokens_per_s"])
         res["speedup"] = res["runs"][res["best"]]["speedup"]
 

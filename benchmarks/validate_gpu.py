@@ -182,6 +182,9 @@ def main() -> int:
                       "meas_mean": meas_mean, "sim_mean": sim.latency_s,
                       "err_mean": err(sim.latency_s, meas_mean),
                       "front_util": sim.front_util, "expert_util": sim.expert_util_max})
+        if r.get("steady_tokens_per_s"):     # results since the start-up columns: the rate past start-up
+            table[-1].update(meas_steady=r["steady_tokens_per_s"],
+                             err_steady=err(sim.tokens_per_s, r["steady_tokens_per_s"]))
     cols = [("run", "run", ""), ("meas_tps", "measured tokens/s", ".0f"), ("sim_tps", "simulated", ".0f"),
             ("err_tps", "error %", "+.0f"), ("slices_tps", "simulated, time slices", ".0f"),
             ("err_slices", "error %", "+.0f"), ("analytic_tps", "analytic (no host time)", ".0f"),
@@ -190,6 +193,8 @@ def main() -> int:
             ("slices_p50", "time slices p50", ".3f"), ("err_slices_p50", "error %", "+.0f"),
             ("meas_mean", "mean (s, Little)", ".3f"), ("sim_mean", "simulated mean", ".3f"),
             ("err_mean", "error %", "+.0f")]
+    if any("meas_steady" in t for t in table):
+        cols[2:2] = [("meas_steady", "measured past start-up", ".0f"), ("err_steady", "simulated vs it, %", "+.0f")]
     predicted = [t for t in table if not t["calibration"]]
     within = lambda key: sum(abs(t[key]) <= 25 for t in predicted)     # noqa: E731
     n_gpus_word = {2: "2-GPU", 4: "4-GPU"}.get(n_gpus, f"{n_gpus}-GPU")
@@ -214,6 +219,10 @@ def main() -> int:
              "`moe-mpi plan`'s steady state with the busiest GPU's summed device work, and no host time. "
              "Latency is per front, from a micro-batch taking its slot to its head finishing.", "",
              md_table(table, cols), "",
+             *(["'Measured past start-up': the run's tokens/s over the last three quarters of its results, from "
+                "its trace (`gpu_end_to_end.steady_state`); the simulator's rate is a steady state, while the "
+                "host floor it is given comes from the whole calibration run, start-up included.", ""]
+               if any("meas_steady" in t for t in table) else []),
              f"Predicted runs within 25%: tokens/s {within('err_tps')} of {len(predicted)} with turns "
              f"({within('err_slices')} with time slices), median latency {within('err_p50')} of {len(predicted)} "
              f"({within('err_slices_p50')}). The measured mean latency comes from Little's law (M micro-batches "

@@ -36,7 +36,7 @@ from ..model.transformer import FrontModel
 from ..model.weights import build_expert, build_front
 from ..parallel.partition import WorkPlan
 from ..parallel.topology import Communicators, Layout, Role
-from .job import PendingResults, Prepared, ScoreOptions, checkpoint, make_batch
+from .job import PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, warm_up_expert, warm_up_front
 from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
@@ -187,6 +187,7 @@ class TorchProfile:
 def run_front(ctx: Context, writer: Writer | None) -> None:
     opts, f = ctx.opts, ctx.role.front
     front: FrontModel = build_front(ctx.cfg, **ctx.weights_kw())
+    warm_up_front(front, ctx.cfg, ctx.prep.spec.mode, ctx.device)
     reader = InputReader(ctx.prep.spec)
     mine = list(ctx.plan.per_front[f].items())   # [(step, sequences)]
     world = ctx.comms.world
@@ -302,6 +303,7 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
 def run_expert(ctx: Context) -> None:
     role, plan, lengths = ctx.role, ctx.plan, ctx.prep.spec.lengths
     mlp = build_expert(ctx.cfg, role.layer, role.expert, **ctx.weights_kw())
+    warm_up_expert(mlp, ctx.cfg, ctx.opts.torch_dtype, ctx.device)
     steps, depth = plan.steps, max(2, ctx.opts.in_flight)
     receives: dict = {}
     replies: deque = deque()

@@ -14,7 +14,8 @@ from .. import __version__
 from ..config import ModelConfig
 from ..io.inputs import InputReader, InputSpec, validate_input
 from ..io.outputs import OutputFile, OutputOptions, SeqResult, check_output_path
-from ..model.transformer import Batch, FrontModel, FrontResult, to_device
+from ..model.kernels import FUSED_MAX_TOKENS
+from ..model.transformer import Batch, FrontModel, FrontResult, drive, to_device
 from ..model.weights import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -204,3 +205,33 @@ def run_attributes(opts: ScoreOptions, cfg: ModelConfig, *, world_size: int, mpi
     if metrics:
         attrs["metrics"] = metrics
     return attrs
+
+
+def warm_up_front(front: FrontModel, cfg: ModelConfig, mode: str, device: torch.device, n: int = 16) -> None:
+    """One forward pass of a tiny made-up sequence, experts answering zeros, before the clock starts.
+    The first call of each kernel loads its module, creates the cuBLAS and cuDNN handles and compiles
+    Triton kernels: seconds on a GPU, which inside the scoring window held the first micro-batches of
+    every front (the end-to-end benchmark's first results came 2.5-3.4 s after the start)."""
+    lengths = torch.tensor([n], device=device)
+    host = np.array([n], dtype=np.int64)
+    with torch.inference_mode():
+        if mode == "tokens":
+            batch = Batch(lengths, tokens_BS=torch.arange(n, device=device).remainder(cfg.vocab_size)[None],
+                          lengths_host=host)
+        else:
+            batch = Batch(lengths, embeds_BSD=torch.zeros(1, n, cfg.hidden_size, device=device), lengths_host=host)
+        res = drive(front.forward_steps(batch), lambda req: torch.zeros_like(req.x_ND))
+        if mode == "tokens":
+            front.logprobs(res.hidden_BSD, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_up_expert(mlp, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """The expert's MLP on made-up rows of each size class its kernels specialise on (one row, a few, a
+    multiple of 16, and the first size past the fused kernel), before the clock starts."""
+    with torch.inference_mode():
+        for rows in (1, 2, FUSED_MAX_TOKENS, FUSED_MAX_TOKENS + 1):
+            mlp(torch.ones(rows, cfg.hidden_size, device=device, dtype=dtype))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

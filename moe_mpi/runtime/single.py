@@ -11,7 +11,8 @@ from tqdm import tqdm
 from ..model.transformer import LocalExperts, drive
 from ..model.weights import build_all_experts, build_front
 from ..io.inputs import InputReader
-from .job import Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results
+from .job import (Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results,
+                  warm_up_expert, warm_up_front)
 
 log = logging.getLogger("moe_mpi")
 
@@ -24,6 +25,9 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
         kw = dict(seed=opts.seed, dtype=opts.torch_dtype, device=device, checkpoint=checkpoint(opts))
         front = build_front(cfg, **kw)
         experts = LocalExperts(build_all_experts(cfg, **kw))
+        warm_up_front(front, cfg, prep.spec.mode, device)       # before the clock, as the distributed run
+        if experts.experts and experts.experts[0]:              # one expert: the kernels are per process
+            warm_up_expert(experts.experts[0][0], cfg, opts.torch_dtype, device)
         plan = prep.plan(1, opts.micro_batch_tokens)
         reader = InputReader(prep.spec)
         n_tokens = prep.tokens_in(plan)
