@@ -8,6 +8,8 @@ them (a route that flips at layer l, position t changes what later layers see at
 """
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import subprocess
 import sys
@@ -162,6 +164,33 @@ def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, mon
     assert len(on.splitlines()) == 3
     mixed = describe_sharing(slots([0, 1, 0, 2], [True, False, False, False]))   # rank 1 is alone
     assert mixed.splitlines()[0] == "GPUs: 4 ranks share 3 GPUs (rank 2 found no MPS daemon and takes time slices):"
+
+
+def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_path):
+    """gpu_end_to_end.steady_state on a made-up trace, against hand-worked numbers: 8 writes ending at
+    2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5 s after the first span began, the sixth carrying 2 sequences;
+    the last three quarters are the writes after the second (index 2, at 3.0 s): 6 sequences in 3.5 s."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_end_to_end import steady_state
+
+    ends = [2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5]
+    t0 = 1_000_000.0     # trace clocks need not start at 0
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "front 0"}},
+              {"name": "compute mb0", "ph": "X", "pid": 0, "ts": t0, "dur": 5e5, "cat": "compute"}]
+    events += [{"name": "write", "ph": "X", "pid": 0, "ts": t0 + 1e6 * e - 100.0, "dur": 100.0, "cat": "io",
+                "args": {"sequences": 2 if i == 5 else 1}} for i, e in enumerate(ends)]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    got = steady_state(path, seq_len=2048)
+    assert got["writes"] == 8
+    assert got["first_result_s"] == pytest.approx(2.0)
+    assert got["longest_pause_s"] == pytest.approx(1.5)
+    assert got["steady_tokens_per_s"] == pytest.approx(6 * 2048 / 3.5)
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        f.write(path.read_text())
+    assert steady_state(tmp_path / "trace.json.gz", seq_len=2048) == got
+    path.write_text(json.dumps({"traceEvents": events[:4]}))       # too few writes to say
+    assert steady_state(path, seq_len=2048) is None
 
 
 # --- on GPUs ---
