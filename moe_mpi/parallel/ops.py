@@ -98,7 +98,7 @@ class OpTransport:
     A pass over every live message costs tens of microseconds, and a front's loop tests each of its
     micro-batches in turn; so a test within ``PASS_INTERVAL`` of the end of the last pass reuses that
     pass's outcome instead of making another (a front with 8 micro-batches in flight made up to 8 passes
-    per turn of its loop, a quarter of its host time, while its GPU waited for the next launch)."""
+    per turn of its loop, while a profile showed its GPU waiting for the host's next launch)."""
 
     name = "ops"
     PASS_INTERVAL = 50e-6
