@@ -166,6 +166,26 @@ def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, mon
     assert mixed.splitlines()[0] == "GPUs: 4 ranks share 3 GPUs (rank 2 found no MPS daemon and takes time slices):"
 
 
+def test_end_to_end_benchmark_procedure_on_cpu(tmp_path):
+    """benchmarks/gpu_end_to_end.py --small on CPU processes (device time is scarce: a broken script
+    would waste it): two layouts, one repeated under its own name with an environment variable set, the
+    one-process run, the report with the start-up columns, the agreement with fp32."""
+    cmd = [sys.executable, REPO / "benchmarks" / "gpu_end_to_end.py", "--device", "cpu", "--small",
+           "--variants", "fronts=1;fronts=1,rep=2,MOE_MPI_TEST_MARK=1", "--out", tmp_path, "--work", tmp_path / "w"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=400, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "env MOE_MPI_PROGRESS_THREAD=0 MOE_MPI_TEST_MARK=1" in proc.stdout
+    res = json.loads(next(tmp_path.glob("gpu_end_to_end_*.json")).read_text())
+    names = ["distributed, 1 fronts", "distributed, 1 fronts, MOE_MPI_TEST_MARK=1, repeat 2", "one process"]
+    assert list(res["runs"]) == names
+    for name in names[:2]:
+        r = res["runs"][name]
+        assert r["tokens"] == res["sequences"] * res["seq_len"]
+        assert 0 < r["first_result_s"] < r["elapsed_s"] and r["steady_tokens_per_s"] > 0
+    md = next(tmp_path.glob("gpu_end_to_end_*.md")).read_text()
+    assert "tokens/s past start-up" in md and "Agreement of the one process" in md
+
+
 def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_path):
     """gpu_end_to_end.steady_state on a made-up trace, against hand-worked numbers: 8 writes ending at
     2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5 s after the first span began, the sixth carrying 2 sequences;
