@@ -199,6 +199,11 @@ def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_p
               {"name": "compute mb0", "ph": "X", "pid": 0, "ts": t0, "dur": 5e5, "cat": "compute"}]
     events += [{"name": "write", "ph": "X", "pid": 0, "ts": t0 + 1e6 * e - 100.0, "dur": 100.0, "cat": "io",
                 "args": {"sequences": 2 if i == 5 else 1}} for i, e in enumerate(ends)]
+    # front 0 within the window (3.0 s to 6.5 s): 0.5 s of a wait from 2.5 s to 3.5 s, the last five
+    # writes' 100 us each of io, and two of the four micro-batches it took up (read at 3.2 and 4.0 s)
+    events += [{"name": "wait", "ph": "X", "pid": 0, "ts": t0 + 2.5e6, "dur": 1e6, "cat": "wait"}]
+    events += [{"name": f"read mb{i}", "ph": "X", "pid": 0, "ts": t0 + 1e6 * at, "dur": 0.0, "cat": "io"}
+               for i, at in enumerate([1.0, 3.2, 4.0, 6.6])]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     got = steady_state(path, seq_len=2048)
@@ -206,10 +211,14 @@ def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_p
     assert got["first_result_s"] == pytest.approx(2.0)
     assert got["longest_pause_s"] == pytest.approx(1.5)
     assert got["steady_tokens_per_s"] == pytest.approx(6 * 2048 / 3.5)
+    assert got["steady_window_s"] == pytest.approx(3.5)
+    front = got["steady_fronts"]["front 0"]
+    assert front["reads"] == 2
+    assert front["wait_s"] == pytest.approx(0.5) and front["io_s"] == pytest.approx(5 * 100e-6)
     with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
         f.write(path.read_text())
     assert steady_state(tmp_path / "trace.json.gz", seq_len=2048) == got
-    path.write_text(json.dumps({"traceEvents": events[:4]}))       # too few writes to say
+    path.write_text(json.dumps({"traceEvents": events[:4]}))       # two writes: too few to say
     assert steady_state(path, seq_len=2048) is None
 
 
