@@ -44,7 +44,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import RESULTS, card_slug, environment, matmul_peak, mps_daemon, write_results  # noqa: E402
+from gpu_e2e_agreement import agreement, fp32_reference  # noqa: E402
 from gpu_e2e_report import report  # noqa: E402
+from gpu_e2e_trace import steady_state, trace_summary  # noqa: E402
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.model.transformer import Batch, LocalExperts, drive  # noqa: E402
 from moe_mpi.model.weights import build_all_experts, build_front  # noqa: E402
@@ -154,112 +156,6 @@ def read_out(path: Path) -> dict:
         d["attrs"] = {k: (json.loads(v) if k == "metrics" else v) for k, v in f.attrs.items()
                       if k in ("tokens_per_second", "elapsed_seconds", "tokens", "metrics", "world_size")}
     return d
-
-
-def fp32_reference(cfg, tokens: np.ndarray, lengths: np.ndarray, device, seed: int) -> dict:
-    """Log-probabilities, routing and each route's top-k margin from an fp32 run of the same weights,
-    one sequence at a time."""
-    front = build_front(cfg, seed=seed, dtype=torch.float32, device=device)
-    experts = LocalExperts(build_all_experts(cfg, seed=seed, dtype=torch.float32, device=device))
-    captured = []
-    for i, layer in enumerate(front.model.layers):
-        if cfg.is_moe_layer(i):
-            layer.mlp.gate.register_forward_hook(lambda m, inp, out: captured.append((m, inp[0])))
-    N, S = tokens.shape
-    K = cfg.num_experts_per_tok
-    lp = np.full((N, S), np.nan, dtype=np.float32)
-    ids = np.zeros((cfg.n_moe_layers, N, S, K), dtype=np.int16)
-    margin = np.full((cfg.n_moe_layers, N, S), np.inf)
-    with torch.inference_mode():
-        for b in range(N):
-            n = int(lengths[b])
-            batch = Batch(torch.tensor([n], device=device), tokens_BS=torch.as_tensor(tokens[b:b + 1, :n], device=device))
-            captured.clear()
-            res = drive(front.forward_steps(batch), experts)
-            lp[b, :n] = front.logprobs(res.hidden_BSD, batch)[0].cpu().numpy()
-            for l, ((gate, h), ids_TK) in enumerate(zip(captured, res.expert_ids_LTK)):
-                ids[l, b, :n] = ids_TK.cpu().numpy()
-                choice = torch.sigmoid(h.float() @ gate.weight.float().t()) + gate.e_score_correction_bias.float()
-                top = choice.topk(K + 1, dim=-1).values
-                margin[l, b, :n] = (top[:, K - 1] - top[:, K]).cpu().numpy()
-    del front, experts
-    return {"token_logprobs": lp, "expert_ids": ids, "margin": margin}
-
-
-def agreement(got: dict, ref: dict, n: int, lengths: np.ndarray, tol: float = 0.01) -> dict:
-    """bf16 against fp32 on the first n sequences: log-prob differences, routing agreement, and the
-    routing differences that are neither at a near-tie (top-k margin < tol in the fp32 run) nor
-    downstream of an earlier one (a flip at layer l0, position t0 changes later layers at t >= t0)."""
-    a, b = got["token_logprobs"][:n], ref["token_logprobs"][:n]
-    m = ~np.isnan(b)
-    d = np.abs(a[m] - b[m])
-    out = {"sequences": n, "logprob_abs_diff_mean": float(d.mean()), "logprob_abs_diff_p99": float(np.percentile(d, 99)),
-           "logprob_abs_diff_max": float(d.max()),
-           "sequence_logprob_rel_diff_max": float(np.max(np.abs(np.nansum(a, 1) - np.nansum(b, 1))
-                                                         / np.abs(np.nansum(b, 1))))}
-    if "expert_ids" in got:
-        S = a.shape[1]
-        valid = np.arange(S)[None, :] < lengths[:n, None]
-        diff = (np.sort(got["expert_ids"][:, :n], -1) != np.sort(ref["expert_ids"][:, :n], -1)).any(-1) & valid[None]
-        unexplained = 0
-        for l, s, t in np.argwhere(diff):
-            near = ref["margin"][l, s, t] < tol
-            downstream = any(diff[l0, s, : t + 1].any() for l0 in range(l))
-            unexplained += int(not (near or downstream))
-        out.update(routes=int(valid.sum() * diff.shape[0]), route_differences=int(diff.sum()),
-                   route_agreement=float(1 - diff.sum() / (valid.sum() * diff.shape[0])),
-                   route_differences_at_near_ties=int(diff.sum() - unexplained),
-                   route_differences_unexplained=unexplained, near_tie_margin=tol)
-    return out
-
-
-def trace_summary(path: Path) -> dict:
-    """Per rank: seconds in each span category of the distributed run's trace."""
-    data = json.loads(path.read_text())
-    names = {e["pid"]: e["args"]["name"] for e in data["traceEvents"] if e.get("name") == "process_name"}
-    per: dict[str, dict[str, float]] = {}
-    for e in data["traceEvents"]:
-        if e.get("ph") == "X":
-            cat = per.setdefault(names.get(e["pid"], str(e["pid"])), {})
-            cat[e["cat"]] = cat.get(e["cat"], 0.0) + e["dur"] / 1e6
-    return per
-
-
-def steady_state(path: Path, seq_len: int) -> dict | None:
-    """When results first came and how fast they came after the start-up, from a run's trace: rank 0
-    writes every micro-batch's results as they arrive ('write' spans, ``sequences`` each).  Returns the
-    seconds from the start of scoring to the first write, the longest pause between two writes, and
-    tokens/s over the last three quarters of the writes (the window from the write at the first quarter
-    to the last); and per front, within that window, the seconds its spans waited for answers ('wait')
-    and spent reading and writing ('io'), and the micro-batches it took up ('read' spans), from which
-    ``validate_gpu.py`` takes a front's host time per micro-batch past start-up.  None without writes."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        trace = json.load(f)["traceEvents"]
-    names = {e["pid"]: e["args"]["name"] for e in trace if e.get("ph") == "M" and e.get("name") == "process_name"}
-    events = [e for e in trace if e.get("ph") == "X"]
-    writes = sorted((e["ts"] + e["dur"], e.get("args", {}).get("sequences", 1)) for e in events if e["name"] == "write")
-    if len(writes) < 4:
-        return None
-    t0 = min(e["ts"] for e in events)
-    t = np.array([w for w, _ in writes], dtype=np.float64) / 1e6 - t0 / 1e6
-    q = len(writes) // 4
-    seqs = sum(n for _, n in writes[q + 1:])
-    lo, hi = writes[q][0], writes[-1][0]          # the window, in the trace's microseconds
-    fronts: dict[str, dict] = {}
-    for e in events:
-        name = names.get(e["pid"], "")
-        if not name.startswith("front"):
-            continue
-        f = fronts.setdefault(name, {"wait_s": 0.0, "io_s": 0.0, "reads": 0})
-        inside = max(0.0, min(hi, e["ts"] + e["dur"]) - max(lo, e["ts"])) / 1e6
-        if e.get("cat") in ("wait", "io"):
-            f[f"{e['cat']}_s"] += inside
-        if e["name"].startswith("read") and lo <= e["ts"] < hi:
-            f["reads"] += 1
-    return {"first_result_s": float(t[0]), "longest_pause_s": float(np.diff(t).max()),
-            "steady_tokens_per_s": seqs * seq_len / float(t[-1] - t[q]), "writes": len(writes),
-            "steady_window_s": float(t[-1] - t[q]), "steady_fronts": dict(sorted(fronts.items()))}
 
 
 def profile_single(cfg, tokens, lengths, device, seed: int) -> list[dict]:

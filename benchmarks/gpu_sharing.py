@@ -135,18 +135,18 @@ def main() -> int:
     manager = ctx.Manager()
     results = manager.dict()
     nccl_cases = [c for c in CASES if c[1] or c[3]]
-    runs = [("NCCL default", None, CASES)] + [(f"NCCL_MAX_NCHANNELS={c}", c, [CASES[0], *nccl_cases])
-                                             for c in args.channels.split(",") if c]
+    runs = [("NCCL default", None, CASES, False)] + [(f"NCCL_MAX_NCHANNELS={c}", c, [CASES[0], *nccl_cases], False)
+                                                    for c in args.channels.split(",") if c]
     if args.mps:
-        runs.append(("NCCL default, MPS", None, CASES))
+        runs.append(("NCCL default, MPS", None, CASES, True))
     work = tempfile.mkdtemp(prefix="moe_sharing_")
     failed = []
-    for i, (tag, channels, cases) in enumerate(runs):
+    for i, (tag, channels, cases, mps) in enumerate(runs):
         if channels is None:
             os.environ.pop("NCCL_MAX_NCHANNELS", None)
         else:
             os.environ["NCCL_MAX_NCHANNELS"] = channels      # the children inherit it
-        with mps_daemon(Path(work) / f"run{i}") if "MPS" in tag else contextlib.nullcontext(True) as on:
+        with mps_daemon(Path(work) / f"run{i}") if mps else contextlib.nullcontext(True) as on:
             if on is None:
                 print(f"{tag}: skipped, nvidia-cuda-mps-control is missing", flush=True)
                 failed.append(tag)
@@ -170,7 +170,7 @@ def main() -> int:
     os.environ.pop("NCCL_MAX_NCHANNELS", None)
     dev = torch.device("cuda", 0)
     rows = []
-    for tag, _, cases in runs:
+    for tag, _, cases, _ in runs:
         for kname in KERNELS:
             alone = results.get((tag, kname, "alone"))
             for cname, *_ in cases:

@@ -79,31 +79,33 @@ def one_process_s(cfg: ModelConfig, hw: hardware.Hardware, T: int, S: int) -> tu
     return float(st.front_stage_s.sum() + st.expert_rank_s.sum()), ops
 
 
+def host_floor(window_s: float, fronts: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(front 0's, the other fronts' mean) host seconds per micro-batch: the window of wall time less the
+    time each front's trace spent waiting for answers, over the micro-batches it scored there; ``fronts``
+    holds (wait seconds, io seconds, micro-batches), front 0 first.  With one front, the others' is front
+    0's less its writing (its io spans)."""
+    busy = [(window_s - wait) / n for wait, _, n in fronts]
+    if len(busy) == 1:
+        return busy[0], busy[0] - fronts[0][1] / fronts[0][2]
+    return busy[0], float(np.mean(busy[1:]))
+
+
 def front_host_s(run: dict, T: int) -> tuple[float, float]:
-    """(front 0's, the other fronts' mean) host seconds per micro-batch in a run: its wall time minus
-    the time the front's trace spent waiting for answers, over the micro-batches each front scored.
-    From a run with one front, the others' is front 0's less its writing (its io spans)."""
+    """``host_floor`` over a whole run (start-up included)."""
     spans = run["trace_seconds_by_category"]
     fronts = sorted(k for k in spans if k.startswith("front "))
     n = run["tokens"] / (len(fronts) * T)
-    busy = [(run["elapsed_s"] - spans[f].get("wait", 0.0)) / n for f in fronts]
-    if len(busy) == 1:
-        return busy[0], busy[0] - spans[fronts[0]].get("io", 0.0) / n
-    return busy[0], float(np.mean(busy[1:]))
+    return host_floor(run["elapsed_s"], [(spans[f].get("wait", 0.0), spans[f].get("io", 0.0), n) for f in fronts])
 
 
 def front_host_steady_s(run: dict) -> tuple[float, float] | None:
-    """The same as ``front_host_s`` past the run's start-up: within the window of its last three quarters
-    of results (``gpu_end_to_end.steady_state``), the window less a front's waits, over the micro-batches
-    it took up there.  None for results without that window (runs before it was recorded)."""
+    """``host_floor`` past the run's start-up: over the window of its last three quarters of results
+    (``gpu_e2e_trace.steady_state``).  None for results without that window (runs before it was
+    recorded)."""
     fronts, window = run.get("steady_fronts"), run.get("steady_window_s")
     if not fronts or not window or not all(v["reads"] for v in fronts.values()):
         return None
-    names = sorted(fronts)
-    busy = [(window - fronts[f]["wait_s"]) / fronts[f]["reads"] for f in names]
-    if len(busy) == 1:
-        return busy[0], busy[0] - fronts[names[0]]["io_s"] / fronts[names[0]]["reads"]
-    return busy[0], float(np.mean(busy[1:]))
+    return host_floor(window, [(fronts[f]["wait_s"], fronts[f]["io_s"], fronts[f]["reads"]) for f in sorted(fronts)])
 
 
 def placement(name: str, F: int, n_experts: int, n_gpus: int) -> list[int]:
@@ -244,7 +246,7 @@ def main() -> int:
              "Latency is per front, from a micro-batch taking its slot to its head finishing.", "",
              md_table(table, cols), "",
              *(["'Measured past start-up': the run's tokens/s over the last three quarters of its results, from "
-                "its trace (`gpu_end_to_end.steady_state`); the simulator's rate is a steady state, while the "
+                "its trace (`gpu_e2e_trace.steady_state`); the simulator's rate is a steady state, while the "
                 "host floor it is given comes from the whole calibration run, start-up included.", ""]
                if any("meas_steady" in t for t in table) else []),
              f"Predicted runs within 25%: tokens/s {within('err_tps')} of {len(predicted)} with turns "

@@ -187,11 +187,11 @@ def test_end_to_end_benchmark_procedure_on_cpu(tmp_path):
 
 
 def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_path):
-    """gpu_end_to_end.steady_state on a made-up trace, against hand-worked numbers: 8 writes ending at
+    """gpu_e2e_trace.steady_state on a made-up trace, against hand-worked numbers: 8 writes ending at
     2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5 s after the first span began, the sixth carrying 2 sequences;
     the last three quarters are the writes after the second (index 2, at 3.0 s): 6 sequences in 3.5 s."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from gpu_end_to_end import steady_state
+    from gpu_e2e_trace import steady_state
 
     ends = [2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5]
     t0 = 1_000_000.0     # trace clocks need not start at 0

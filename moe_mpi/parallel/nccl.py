@@ -338,9 +338,8 @@ class NCCLTransport(OpTransport):
         return self.nccl
 
     def _pass(self) -> None:
-        with self.lock:
-            self.net.poll()
-            super()._pass()
+        self.net.poll()
+        super()._pass()
 
     def background_progress(self) -> None:
         if any(self.net.controls.values()) or any(self.net.gos.values()):

@@ -124,14 +124,14 @@ class OpTransport:
             self._passed = time.perf_counter()
 
     def _pass(self) -> None:
-        with self.lock:
-            still = []
-            for op in self.live:
-                if not op.done:
-                    op.done = op.progress()
-                if not op.done:
-                    still.append(op)
-            self.live = still
+        """One pass over every live message; the caller holds the lock."""
+        still = []
+        for op in self.live:
+            if not op.done:
+                op.done = op.progress()
+            if not op.done:
+                still.append(op)
+        self.live = still
 
     def background_progress(self) -> None:
         """What the progress thread does each round: everything here; the NCCL transport only its
