@@ -15,6 +15,7 @@ combine), aggregate over all GPUs.  Results: benchmarks/results/gpu_exchange_<ca
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -34,6 +35,9 @@ from moe_mpi.parallel.exchange import MPITransport, mpi_cuda_aware, with_progres
 from moe_mpi.parallel.staged import StagedTransport  # noqa: E402
 from moe_mpi.parallel.nccl import NCCLTransport, init_process_group  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
+
+
+PAIRS = "NCCL point-to-point, no control plane"
 
 
 def make_transport(name: str, comms: Communicators, layout: Layout, hidden: int, dtype, device):
@@ -168,7 +172,86 @@ def time_all_to_all(layout, role, args, tokens, hidden, dtype, device, fused: bo
     return MPI.COMM_WORLD.allreduce(time.perf_counter() - t0, op=MPI.MAX)
 
 
-def post_overhead(tr, comms, layout, hidden, dtype, device, n: int = 200) -> dict:
+def pair_groups(comms, layout, device, tr) -> dict:
+    """The 2-rank groups, one per direction of every front-expert pair: the NCCL transport's own on GPUs
+    (made and warmed up when it was built), gloo ones made here on CPUs (every rank makes every group,
+    in one order)."""
+    if device.type == "cuda":
+        return tr.net.groups
+    me, groups = comms.world.Get_rank(), {}
+    experts = range(layout.n_fronts, layout.world_size)
+    for a in range(layout.n_fronts):
+        for b in experts:
+            for src, dst in ((a, b), (b, a)):
+                g = dist.new_group([a, b], backend="gloo")
+                if me in (a, b):
+                    groups[(src, dst)] = g
+    return groups
+
+
+def time_pairs(groups, comms, layout, role, args, tokens, hidden, dtype, device, xs,
+               n_steps: int | None = None) -> tuple[float, int]:
+    """The same micro-batches over the same 2-rank NCCL groups as the transport, posted straight through
+    torch.distributed in step order, with no control plane: every row count is known in advance, so a
+    front posts a micro-batch's sends and its reply receives at once (each next layer's sends queued on
+    the GPU behind the last layer's receives) and an expert its receives and, queued behind them, its
+    replies.  What point-to-point NCCL can do for this pattern; the transport's distance from it is the
+    cost of its protocol (row counts, go-aheads, polling)."""
+    rows = rows_for(tokens, args.top_k, layout.n_experts)
+    offsets = np.concatenate([[0], np.cumsum(rows)]).tolist()
+    F, E, me = layout.n_fronts, layout.n_experts, comms.world.Get_rank()
+    steps = range(n_steps or args.micro_batches)
+    comms.world.Barrier()
+    t0 = time.perf_counter()
+    bad = 0
+    if role.kind == "front":
+        window, outs, sends = [], {}, []
+        for s in steps:
+            x = xs[s]
+            for layer in range(layout.n_moe_layers):
+                y = torch.empty_like(x)
+                works = []
+                for e in range(E):
+                    peer = F + layer * E + e
+                    lo, hi = offsets[e], offsets[e + 1]
+                    sends.append(dist.isend(x[lo:hi], dst=peer, group=groups[(me, peer)]))
+                    works.append(dist.irecv(y[lo:hi], src=peer, group=groups[(peer, me)]))
+                for w in works:         # the next layer's sends wait for these rows (on the GPU)
+                    w.wait()
+                x = y
+            outs[s] = x
+            window.append(works)
+            if device.type == "cuda" and len(window) >= args.in_flight:   # (gloo's wait() blocked)
+                while not all(w.is_completed() for w in window[0]):
+                    time.sleep(0)
+                window.pop(0)
+                sends = [w for w in sends if not w.is_completed()]
+        for w in sends:     # each work waited for once: gloo's wait() hangs on one it has waited for
+            w.wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        bad = sum(int(not torch.equal(outs[s], xs[s])) for s in steps)
+    else:
+        n = rows[role.expert]
+        sends = []
+        for s in steps:
+            bufs, works = [], []
+            for f in range(F):
+                bufs.append(torch.empty(n, hidden, dtype=dtype, device=device))
+                works.append(dist.irecv(bufs[-1], src=f, group=groups[(f, me)]))
+            for f, (buf, w) in enumerate(zip(bufs, works)):
+                w.wait()
+                sends.append(dist.isend(buf, dst=f, group=groups[(me, f)]))
+            sends = [w for w in sends if not w.is_completed()]
+        for w in sends:
+            w.wait()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = comms.world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    return elapsed, comms.world.allreduce(bad, op=MPI.SUM)
+
+
+def post_overhead(tr, groups, comms, layout, hidden, dtype, device, n: int = 200) -> dict:
     """Host microseconds to post one NCCL point-to-point operation (through the transport's groups,
     as the runtime posts them) and one MPI Isend of a control message, between front 0 and the
     first expert; every rank takes part in the closing reduction."""
@@ -185,6 +268,18 @@ def post_overhead(tr, comms, layout, hidden, dtype, device, n: int = 200) -> dic
         for w in works:
             w.wait()
         out["nccl_send_post_us" if me == a else "nccl_recv_post_us"] = 1e6 * t_post / n
+        # the same operation as ProcessGroup.send/recv called directly: no torch.distributed argument
+        # checks, no side stream, no event: what is left is ProcessGroupNCCL's own and NCCL's
+        group = groups[(a, b)]          # the a-to-b direction, on both sides
+        peer = dist.get_group_rank(group, b if me == a else a)
+        works, t_post = [], 0.0
+        for _ in range(n):
+            t0 = time.perf_counter()
+            works.append(group.send([x], peer, 0) if me == a else group.recv([x], peer, 0))
+            t_post += time.perf_counter() - t0
+        for w in works:
+            w.wait()
+        out["pg_send_post_us" if me == a else "pg_recv_post_us"] = 1e6 * t_post / n
         buf = np.zeros(2, dtype=np.int64)
         t_post, reqs = 0.0, []
         for _ in range(n):
@@ -217,6 +312,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--transports", default="auto")
     p.add_argument("--shuffle", action="store_true", help="dispatch micro-batches out of step order")
+    p.add_argument("--tag", default="", help="results named gpu_exchange_<tag>_<card> (a run under other settings)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     if args.small:
@@ -240,6 +336,7 @@ def main() -> int:
     else:
         names = args.transports.split(",")
     transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device) for n in names}
+    groups = pair_groups(comms, layout, device, transports["nccl"]) if "nccl" in transports else None
     rank0 = world.Get_rank() == 0
     row_bytes = args.hidden * 2
     results = []
@@ -264,6 +361,14 @@ def main() -> int:
                 best, bad = min(best, t), bad + b
             results.append({"transport": name, "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6,
                             "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad})
+        if groups is not None:
+            time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, 2)  # warm-up
+            best, bad = float("inf"), 0
+            for _ in range(args.repeats):
+                t, b = time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs)
+                best, bad = min(best, t), bad + b
+            results.append({"transport": PAIRS, "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6,
+                            "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad})
         if layout.n_moe_layers == 1:
             for fused in (False, True):
                 t = min(time_all_to_all(layout, role, args, tokens, args.hidden, dtype, device, fused)
@@ -271,7 +376,7 @@ def main() -> int:
                 results.append({"transport": "NCCL all_to_all_single" + (" fused" if fused else ""),
                                 "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6, "seconds": t,
                                 "gbps": bytes_total / t / 1e9, "wrong_micro_batches": None})
-        best_a2a = max((r["gbps"] for r in results if r["tokens"] == tokens and r["transport"].startswith("NCCL")),
+        best_a2a = max((r["gbps"] for r in results if r["tokens"] == tokens and r["transport"].startswith("NCCL all_to_all")),
                        default=None)
         for r in results:
             if r["tokens"] == tokens:
@@ -282,9 +387,10 @@ def main() -> int:
                                                if r["tokens"] == tokens), flush=True)
 
     ok = all(not r["wrong_micro_batches"] for r in results)
-    overhead = post_overhead(transports["nccl"], comms, layout, args.hidden, dtype, device) if "nccl" in transports else {}
+    overhead = post_overhead(transports["nccl"], groups, comms, layout, args.hidden, dtype, device) if "nccl" in transports else {}
     if rank0:
         env = environment(device)
+        settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_FR_"))}
         slug = card_slug(device)
         cols = [("transport", "transport", ""), ("tokens", "tokens / micro-batch / front", "d"),
                 ("message_mb", "MB per message", ".1f"), ("seconds", "time (s)", ".4f"),
@@ -296,16 +402,23 @@ def main() -> int:
               f"{args.micro_batches} micro-batches per front, {args.in_flight} in flight, best of {args.repeats}. "
               "Bytes counted: every row's dispatch and combine. `a2a`: one all_to_all_single for the dispatch and "
               "one for the combine per micro-batch; `a2a fused`: one call carrying a dispatch and the previous "
-              "combine. 'wrong' counts micro-batches whose round trip did not return the bytes sent.", "",
+              "combine. `" + PAIRS + "`: the same micro-batches over the transport's own 2-rank NCCL groups, "
+              "posted in step order straight through torch.distributed with every row count known in advance "
+              "(no control messages, no go-aheads): the ceiling of this transport's design, so its distance "
+              "from `nccl` is the cost of the protocol and its distance from the all-to-all the cost of one "
+              "communicator per pair and direction. "
+              "'wrong' counts micro-batches whose round trip did not return the bytes sent.", "",
               md_table(results, cols), "",
               "Host time to post one operation (mean of 200, microseconds): "
-              + (", ".join(f"{k} {v:.1f}" for k, v in overhead.items()) or "not measured") + ". Each message "
+              + (", ".join(f"{k} {v:.1f}" for k, v in overhead.items()) or "not measured") + " (`nccl_*`: "
+              "as the transport posts, through torch.distributed from its side stream after an event; `pg_*`: "
+              "ProcessGroup.send/recv called directly). Each message "
               "of the NCCL transport costs one NCCL post on each side plus an MPI control message (and, "
               "towards a front, a go-ahead), so at small micro-batches the exchange is bound by these posts on "
-              "the expert's host, not by NVLink.", "", f"Environment: {env}"]
-        stem = f"gpu_exchange_{slug}" + ("_small" if args.small else "")
+              "the expert's host, not by NVLink.", "", f"Environment: {env}; settings: {settings or 'defaults'}"]
+        stem = f"gpu_exchange_{args.tag + '_' if args.tag else ''}{slug}" + ("_small" if args.small else "")
         paths = write_results(args.out, stem, "\n".join(md),
-                              {"args": vars(args), "environment": env, "layout": vars(layout), "results": results,
+                              {"args": vars(args), "environment": env, "settings": settings, "layout": vars(layout), "results": results,
                                "post_overhead_us": overhead})
         print("\n".join(md[4:5]))
         print(f"wrote {paths[0]} and {paths[1]}; round trips {'all correct' if ok else 'WRONG'}", flush=True)

@@ -7,7 +7,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
 WORK=${WORK:-/tmp/gpu_suite_work}
-STEPS=${STEPS:-"env expert front exchange sharing e2e e2e_mps tests"}
+STEPS=${STEPS:-"env expert front exchange sharing e2e e2e_mps tests"}   # also: exchange_lean
 mkdir -p "$OUT" "$WORK/results" "$WORK/logs"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast off (it can wedge GPUs that others share); Open MPI's mpiexec as root
@@ -37,6 +37,9 @@ step expert ${EXPERT_LIMIT:-200} $PY benchmarks/gpu_expert_mlp.py --out "$WORK/r
 step front 150 $PY benchmarks/gpu_front_host.py --out "$WORK/results"
 if [ "$NGPU" -ge 4 ]; then
     step exchange 100 $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --out "$WORK/results"
+    # the same with torch's flight recorder off (it records every NCCL operation as it is posted)
+    step exchange_lean 100 env TORCH_FR_BUFFER_SIZE=0 TORCH_NCCL_TRACE_BUFFER_SIZE=0 \
+        $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --tag lean --out "$WORK/results"
 else
     echo "=== exchange: skipped, needs 4 GPUs (have $NGPU)"
 fi
