@@ -97,12 +97,6 @@ class Net:
         self.me = world.Get_rank()
         self.ranks = {id(c): _world_ranks(c, world) for c in transport.comms.values()}
         self.groups: dict[tuple[int, int], object] = {}
-        # (src, dst) -> (group, the other rank's rank in it): operations are posted on the group itself,
-        # as torch.distributed.isend/irecv do after checking their arguments, which cost host time on
-        # every message (gpu_exchange's post times: 42-64 us through dist.isend from the side stream,
-        # 28-35 us on the group itself)
-        self.posts: dict[tuple[int, int], tuple] = {}
-        self.via_dist = os.environ.get("MOE_MPI_NCCL_POST", "group") == "dist"   # the old way, for A/B runs
         self.controls: dict[tuple, deque] = {}     # (comm, peer) -> posted control receives, in order
         self.waiting: dict[tuple, "Recv"] = {}      # (comm, peer, step) -> receive waiting for its control
         self.early: dict[tuple, int] = {}           # (comm, peer, step) -> rows, control before its receive
@@ -128,25 +122,19 @@ class Net:
         if self.backend == "mpi":
             buf = as_bytes(x)
             return MPIPayload(self.world.Isend([buf, MPI.BYTE], dest=dst, tag=MPIPayload.TAG), buf)
-        group, peer = self.posts[(self.me, dst)]
         with torch.cuda.stream(self.stream):
             if ready is not None:
                 self.stream.wait_event(ready)
-            if self.via_dist:
-                return dist.isend(x, dst=dst, group=group)
-            return group.send([x], peer, 0)
+            return dist.isend(x, dst=dst, group=self.groups[(self.me, dst)])
 
     def irecv(self, out: torch.Tensor, src: int, ready):
         if self.backend == "mpi":
             buf = as_bytes(out)
             return MPIPayload(self.world.Irecv([buf, MPI.BYTE], source=src, tag=MPIPayload.TAG), buf)
-        group, peer = self.posts[(src, self.me)]
         with torch.cuda.stream(self.stream):
             if ready is not None:      # None: ``out`` was allocated on this stream, nothing to wait for
                 self.stream.wait_event(ready)
-            if self.via_dist:
-                return dist.irecv(out, src=src, group=group)
-            return group.recv([out], peer, 0)
+            return dist.irecv(out, src=src, group=self.groups[(src, self.me)])
 
     def empty(self, rows: int) -> torch.Tensor:
         """A receive buffer from this stream's memory pool: free for a receive at once, where one taken
@@ -185,7 +173,6 @@ class Net:
                 group = dist.new_group([a, b], backend=backend, group_desc=f"moe_mpi_{src}_to_{dst}")
                 if self.me in (a, b):
                     self.groups[(src, dst)] = group
-                    self.posts[(src, dst)] = (group, dist.get_group_rank(group, b if self.me == a else a))
         one = torch.zeros(1, dtype=self.t.dtype, device=device)
         for a, b in pairs:                      # one message per group, in the same global order
             if self.me not in (a, b):
