@@ -147,6 +147,10 @@ class OutputFile:
 
     def __init__(self, file: h5py.File, out: str, cfg: ModelConfig, spec: InputSpec):
         self.f, self.out, self.path, self.cfg, self.spec = file, out, partial_path(out), cfg, spec
+        # Datasets opened once: looking one up by name on every write took half of a write's time
+        # (a sequence's three small writes, 0.7 ms, against 0.35 ms with the handles kept)
+        self.ds = {name: file[name] for name in ("token_logprobs", "sequence_logprob", "hidden",
+                                                 "routing/expert_ids") if name in file}
         self.commit_interval = 0.0      # seconds between commits; 0 commits every write
         self._last_commit = -float("inf")
         self._pending_seqs: list[int] = []
@@ -171,16 +175,16 @@ class OutputFile:
 
     def write(self, results: list[SeqResult], expert_load_LE: np.ndarray) -> None:
         """Write finished sequences; they count as done once committed (see the module docstring)."""
-        f = self.f
+        ds = self.ds
         for r in sorted(results, key=lambda r: r.seq):
             n = r.length
             if r.token_logprobs is not None:
-                f["token_logprobs"][r.seq, :n] = r.token_logprobs
-                f["sequence_logprob"][r.seq] = np.nansum(r.token_logprobs.astype(np.float64))
-            if r.hidden is not None and "hidden" in f:
-                f["hidden"][r.seq, :n] = r.hidden
-            if r.expert_ids is not None and "routing" in f:
-                f["routing/expert_ids"][:, r.seq, :n] = r.expert_ids
+                ds["token_logprobs"][r.seq, :n] = r.token_logprobs
+                ds["sequence_logprob"][r.seq] = np.nansum(r.token_logprobs.astype(np.float64))
+            if r.hidden is not None and "hidden" in ds:
+                ds["hidden"][r.seq, :n] = r.hidden
+            if r.expert_ids is not None and "routing/expert_ids" in ds:
+                ds["routing/expert_ids"][:, r.seq, :n] = r.expert_ids
         self._pending_seqs.extend(r.seq for r in results)
         if expert_load_LE.size:
             self._pending_load = (expert_load_LE.astype(np.int64) if self._pending_load is None
