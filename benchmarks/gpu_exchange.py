@@ -414,8 +414,8 @@ def main() -> int:
               "as the transport posts, through torch.distributed from its side stream after an event; `pg_*`: "
               "ProcessGroup.send/recv called directly). Each message "
               "of the NCCL transport costs one NCCL post on each side plus an MPI control message (and, "
-              "towards a front, a go-ahead), so at small micro-batches the exchange is bound by these posts on "
-              "the expert's host, not by NVLink.", "", f"Environment: {env}; settings: {settings or 'defaults'}"]
+              "towards a front, a go-ahead, so that no receive waits on a GPU that is computing), which is "
+              "its distance from the point-to-point row, largest at small micro-batches.", "", f"Environment: {env}; settings: {settings or 'defaults'}"]
         stem = f"gpu_exchange_{args.tag + '_' if args.tag else ''}{slug}" + ("_small" if args.small else "")
         paths = write_results(args.out, stem, "\n".join(md),
                               {"args": vars(args), "environment": env, "settings": settings, "layout": vars(layout), "results": results,
