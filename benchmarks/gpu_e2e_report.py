@@ -24,12 +24,19 @@ def why(res: dict) -> list[str]:
     fronts = {k: v for k, v in cats.items() if k.startswith("front")}
     if fronts:
         per = n_mb / len(fronts)      # micro-batches per front
-        rows = [{"rank": k, **{c: 1e3 * v.get(c, 0.0) / per for c in ("compute", "io", "send", "wait")}}
+        spans = ("compute", "io", "send", "progress", "wait")
+        wall = 1e3 * r["elapsed_s"] / per
+        rows = [{"rank": k, **{c: 1e3 * v.get(c, 0.0) / per for c in spans}, "gc": 1e3 * v.get("gc", 0.0) / per}
                 for k, v in fronts.items()]
+        for row in rows:        # the loop's own time between spans (gc may fall inside spans)
+            row["other"] = wall - sum(row[c] for c in spans)
         busy = max(row["compute"] + row["io"] + row["send"] for row in rows)
-        out += ["", f"Per front, ms per micro-batch ({per:.0f} micro-batches each; 'compute' is host time "
-                    "between exchanges, including waits for the front's own GPU):", "",
-                md_table(rows, [("rank", "rank", "")] + [(c, c, ".1f") for c in ("compute", "io", "send", "wait")]),
+        out += ["", f"Per front, ms per micro-batch ({per:.0f} micro-batches each, {wall:.1f} ms of scoring time "
+                    "each; 'compute' is host time between exchanges, including waits for the front's own GPU; "
+                    "'progress' the transport's passes over live messages made from the loop's tests; 'other' "
+                    "the loop's time outside every span; 'gc' the interpreter's garbage collections, where "
+                    "recorded, inside the other columns):", "",
+                md_table(rows, [("rank", "rank", "")] + [(c, c, ".1f") for c in spans + ("other", "gc")]),
                 "", f"The busiest front spends {busy:.1f} ms per micro-batch outside waits, so {len(fronts)} fronts "
                     f"bound the run at {len(fronts) * t1 / busy:.2f}x the one-process rate; measured "
                     f"{r.get('speedup', float('nan')):.2f}x."]

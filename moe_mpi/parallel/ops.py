@@ -102,6 +102,7 @@ class OpTransport:
 
     name = "ops"
     PASS_INTERVAL = 50e-6
+    rec = None      # a Recorder: the loops' passes become 'progress' spans in the trace
 
     def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device):
         self.comms, self.n_fronts, self.hidden, self.dtype = layer_comms, n_fronts, hidden, dtype
@@ -120,8 +121,11 @@ class OpTransport:
         if time.perf_counter() - self._passed < self.PASS_INTERVAL:
             return
         with self.lock:
+            start = time.perf_counter()
             self._pass()
             self._passed = time.perf_counter()
+        if self.rec is not None:
+            self.rec.add_progress(start, self._passed)
 
     def _pass(self) -> None:
         """One pass over every live message; the caller holds the lock."""

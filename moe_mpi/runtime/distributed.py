@@ -36,7 +36,8 @@ from ..model.transformer import FrontModel
 from ..model.weights import build_expert, build_front
 from ..parallel.partition import WorkPlan
 from ..parallel.topology import Communicators, Layout, Role
-from .job import PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, warm_up_expert, warm_up_front
+from .job import (PendingResults, Prepared, ScoreOptions, checkpoint, freeze_heap, make_batch, warm_up_expert,
+                  warm_up_front)
 from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
@@ -124,7 +125,8 @@ class Writer:
     def poll(self) -> bool:
         world, got = self.ctx.comms.world, False
         while world.iprobe(source=MPI.ANY_SOURCE, tag=RESULT_TAG):
-            kind, payload = world.recv(source=MPI.ANY_SOURCE, tag=RESULT_TAG)
+            with self.ctx.rec.span("receive results", "io"):
+                kind, payload = world.recv(source=MPI.ANY_SOURCE, tag=RESULT_TAG)
             if kind == "result":
                 self.write(*payload)
             else:
@@ -193,8 +195,10 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     world = ctx.comms.world
     sends: list = []
     active: deque[MicroBatch] = deque()
+    freeze_heap()
     ctx.comms.world.Barrier()
     ctx.rec.restart()
+    ctx.rec.watch_gc()
     waiter = Waiter(ctx)  # the deadline counts from here, not from start-up
 
     def advance(mb: MicroBatch, y) -> bool:
@@ -226,7 +230,8 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     def deliver(mb: MicroBatch) -> bool:
         if not mb.finishing.ready():
             return False
-        results, load = mb.finishing.get(), mb.finishing.load
+        with ctx.rec.span(f"collect mb{mb.step}", "io", step=mb.step):
+            results, load = mb.finishing.get(), mb.finishing.load
         mb.finishing = None
         ctx.rec.latencies.append(time.perf_counter() - mb.t_start)
         if writer is not None:
@@ -313,8 +318,10 @@ def run_expert(ctx: Context) -> None:
         caps = [plan.tokens(fr, step, lengths) for fr in senders]
         receives[step] = ctx.transport.expect(role.layer, step, senders, caps)
 
+    freeze_heap()
     ctx.comms.world.Barrier()
     ctx.rec.restart()
+    ctx.rec.watch_gc()
     waiter = Waiter(ctx)
     for step in steps[:depth]:
         post(step)

@@ -117,6 +117,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
                                    opts.torch_dtype, device, world=comms.world)
         control = StopControl(comms.world, layout.n_fronts, interrupt, is_front=role.kind == "front")
         ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device, control)
+        transport.rec = rec       # passes over the live messages show in the trace ('progress' spans)
         n_tokens = prep.tokens_in(plan)
         if rank == 0:
             log.info("scoring %d tokens of %s on %d ranks: %d fronts + %d x %d experts, %d micro-batch steps",
@@ -140,6 +141,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
             error(Interrupted.message(control.signal_name, done, prep.spec.n_seqs, opts.output))
             abort_job(comm_world, EXIT_INTERRUPTED)  # the experts still wait for steps that will not come
         elapsed = time.perf_counter() - rec.t0
+        rec.stop_gc()
         summaries = comms.world.gather(rec.summary(), root=0)
         events = comms.world.gather(rec.events, root=0) if opts.trace else None
         if rank == 0:

@@ -5,6 +5,7 @@ microseconds since the job's common start.
 """
 from __future__ import annotations
 
+import gc
 import json
 import time
 from contextlib import contextmanager
@@ -24,11 +25,14 @@ class Recorder:
     waiting: float = 0.0
     latencies: list = field(default_factory=list)
     rows_in: int = 0
+    gc_s: float = 0.0
+    progress_s: float = 0.0
     events: list = field(default_factory=list)
 
     def restart(self) -> None:
         """Start the clock (after set-up and a barrier, so ranks share a time origin)."""
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.gc_s = self.progress_s = 0.0
 
     @contextmanager
     def span(self, name: str, cat: str = "compute", **args):
@@ -53,11 +57,42 @@ class Recorder:
                                 "ts": round((start - self.t0) * 1e6, 1), "dur": round((end - start) * 1e6, 1),
                                 "args": args})
 
+    def add_progress(self, start: float, end: float) -> None:
+        """A transport's pass over its live messages, made from a loop's test of a handle."""
+        self.progress_s += end - start
+        if self.tracing and end - start > 20e-6:
+            self.events.append({"name": "progress", "cat": "progress", "ph": "X", "pid": self.rank, "tid": 0,
+                                "ts": round((start - self.t0) * 1e6, 1), "dur": round((end - start) * 1e6, 1),
+                                "args": {}})
+
+    def watch_gc(self) -> None:
+        """Record the interpreter's garbage collections as 'gc' spans (one callback per collection)."""
+        started = {}
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                started["t"] = time.perf_counter()
+            elif "t" in started:
+                start, end = started.pop("t"), time.perf_counter()
+                self.gc_s += end - start
+                if self.tracing and (info.get("generation") == 2 or end - start > 200e-6):
+                    self.events.append({"name": f"gc gen{info.get('generation')}", "cat": "gc", "ph": "X",
+                                        "pid": self.rank, "tid": 0, "ts": round((start - self.t0) * 1e6, 1),
+                                        "dur": round((end - start) * 1e6, 1), "args": {}})
+
+        gc.callbacks.append(callback)
+        self._gc_callback = callback
+
+    def stop_gc(self) -> None:
+        if getattr(self, "_gc_callback", None) in gc.callbacks:
+            gc.callbacks.remove(self._gc_callback)
+
     def summary(self) -> dict:
         wall = time.perf_counter() - self.t0
         return {"rank": self.rank, "role": self.label, "wall_s": wall, "busy_s": self.busy,
                 "wait_s": self.waiting, "busy_fraction": self.busy / wall if wall > 0 else 0.0,
-                "rows_in": self.rows_in, "latencies": self.latencies, "cpu_s": time.process_time() - self.cpu0}
+                "rows_in": self.rows_in, "latencies": self.latencies, "cpu_s": time.process_time() - self.cpu0,
+                "gc_s": self.gc_s, "progress_s": self.progress_s}
 
 
 class Backoff:
