@@ -36,8 +36,7 @@ from ..model.transformer import FrontModel
 from ..model.weights import build_expert, build_front
 from ..parallel.partition import WorkPlan
 from ..parallel.topology import Communicators, Layout, Role
-from .job import (PendingResults, Prepared, ScoreOptions, checkpoint, freeze_heap, make_batch, warm_up_expert,
-                  warm_up_front)
+from .job import PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, warm_up_expert, warm_up_front
 from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
@@ -195,7 +194,6 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
     world = ctx.comms.world
     sends: list = []
     active: deque[MicroBatch] = deque()
-    freeze_heap()
     ctx.comms.world.Barrier()
     ctx.rec.restart()
     ctx.rec.watch_gc()
@@ -318,7 +316,6 @@ def run_expert(ctx: Context) -> None:
         caps = [plan.tokens(fr, step, lengths) for fr in senders]
         receives[step] = ctx.transport.expect(role.layer, step, senders, caps)
 
-    freeze_heap()
     ctx.comms.world.Barrier()
     ctx.rec.restart()
     ctx.rec.watch_gc()

@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import gc
 import os
 import platform
 from dataclasses import dataclass, field
@@ -206,15 +205,6 @@ def run_attributes(opts: ScoreOptions, cfg: ModelConfig, *, world_size: int, mpi
     if metrics:
         attrs["metrics"] = metrics
     return attrs
-
-
-def freeze_heap() -> None:
-    """Collect once, then leave everything alive after set-up (modules, weights' wrappers, compiled
-    kernels) out of later collections (``gc.freeze``): a full collection walks every tracked object,
-    and one in the middle of a run stalls the loop that triggered it.  ``MOE_MPI_GC_FREEZE=0`` skips it."""
-    if os.environ.get("MOE_MPI_GC_FREEZE", "1") != "0":
-        gc.collect()
-        gc.freeze()
 
 
 def warm_up_front(front: FrontModel, cfg: ModelConfig, mode: str, device: torch.device, n: int = 16) -> None:

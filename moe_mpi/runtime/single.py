@@ -12,7 +12,7 @@ from ..model.transformer import LocalExperts, drive
 from ..model.weights import build_all_experts, build_front
 from ..io.inputs import InputReader
 from .job import (Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results,
-                  freeze_heap, warm_up_expert, warm_up_front)
+                  warm_up_expert, warm_up_front)
 
 log = logging.getLogger("moe_mpi")
 
@@ -31,7 +31,6 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
         plan = prep.plan(1, opts.micro_batch_tokens)
         reader = InputReader(prep.spec)
         n_tokens = prep.tokens_in(plan)
-        freeze_heap()
         log.info("scoring %d tokens of %s in one process, %d micro-batches", n_tokens, opts.input,
                  len(plan.steps))
         t0 = time.perf_counter()
