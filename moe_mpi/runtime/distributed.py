@@ -114,6 +114,7 @@ class Writer:
     def __init__(self, ctx: Context, out, n_tokens: int):
         self.ctx, self.out = ctx, out
         self.fronts_left = ctx.layout.n_fronts - 1
+        self.incoming: deque = deque()     # receives of matched messages, in matching order
         self.bar = tqdm(total=n_tokens, unit="tok", desc="score", leave=False, disable=not ctx.opts.progress)
 
     def write(self, results, load) -> None:
@@ -122,10 +123,21 @@ class Writer:
         self.bar.update(sum(r.length for r in results))
 
     def poll(self) -> bool:
+        """Take up what other fronts sent, without blocking: a message larger than MPI's eager limit
+        moves only when its sender next enters MPI, which a front computing a micro-batch does not
+        for milliseconds (a blocking receive here took 1.6 ms per message, median, on 4 H200s, an
+        eighth of front 0's time).  Messages are matched as they come (``improbe``), received
+        without blocking, and handled in the order they matched, so a front's "done" comes after its
+        results."""
         world, got = self.ctx.comms.world, False
-        while world.iprobe(source=MPI.ANY_SOURCE, tag=RESULT_TAG):
-            with self.ctx.rec.span("receive results", "io"):
-                kind, payload = world.recv(source=MPI.ANY_SOURCE, tag=RESULT_TAG)
+        while (msg := world.improbe(source=MPI.ANY_SOURCE, tag=RESULT_TAG)) is not None:
+            self.incoming.append(msg.irecv())
+        while self.incoming:
+            arrived, message = self.incoming[0].test()
+            if not arrived:
+                break
+            self.incoming.popleft()
+            kind, payload = message
             if kind == "result":
                 self.write(*payload)
             else:
