@@ -143,3 +143,28 @@ def test_torch_profile_of_the_fronts(tmp_path, ragged, monkeypatch):
         table = (tmp_path / "prof" / f"front{f}.txt").read_text()
         assert "aten::" in table and "Self CPU" in table
         assert (tmp_path / "prof" / f"front{f}.json.gz").stat().st_size > 0
+
+
+def test_recorder_counts_transport_passes_and_garbage_collections():
+    """Passes over live messages add up in progress_s and become 'progress' spans when over 20 us;
+    a full collection becomes a 'gc' span and adds to gc_s; stop_gc unhooks the callback."""
+    import gc
+
+    from moe_mpi.runtime.metrics import Recorder
+
+    rec = Recorder(3, "front 0", tracing=True)
+    rec.restart()
+    t = rec.t0
+    rec.add_progress(t + 1e-3, t + 1e-3 + 30e-6)
+    rec.add_progress(t + 2e-3, t + 2e-3 + 10e-6)
+    assert rec.progress_s == pytest.approx(40e-6)
+    spans = [e for e in rec.events if e["cat"] == "progress"]
+    assert len(spans) == 1 and spans[0]["ts"] == pytest.approx(1000.0) and spans[0]["dur"] == pytest.approx(30.0)
+    before = len(gc.callbacks)
+    rec.watch_gc()
+    gc.collect()
+    rec.stop_gc()
+    assert len(gc.callbacks) == before
+    collections = [e for e in rec.events if e["cat"] == "gc"]
+    assert "gc gen2" in [e["name"] for e in collections] and rec.gc_s > 0
+    assert rec.summary()["gc_s"] == rec.gc_s and rec.summary()["progress_s"] == rec.progress_s
