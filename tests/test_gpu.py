@@ -139,6 +139,14 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=240, env=run_env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "round trips all correct" in proc.stdout
+    # the markdown is a function of the JSON: --report rebuilds it to the byte
+    md = next(tmp_path.glob("gpu_exchange_*_small.md"))
+    written = md.read_text()
+    assert "NCCL point-to-point, no control plane" in written
+    rebuilt = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_exchange.py"), "--report",
+                              str(md.with_suffix(".json"))], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert md.read_text() == written
 
 
 def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
