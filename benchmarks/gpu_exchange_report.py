@@ -1,0 +1,63 @@
+"""The markdown report of ``gpu_exchange.py``, built from what its results JSON holds (so that
+``--report JSON`` can rebuild it): the table, the target and by how much it is missed beside the
+design's ceiling, and the host time per post."""
+from __future__ import annotations
+
+from gpu_common import md_table
+from gpu_exchange_baselines import PAIRS
+
+
+TARGET = 0.9      # the exchange against the best NCCL all-to-all at paper-width micro-batches (issue 5)
+
+
+def verdict(results: list[dict]) -> str:
+    """By how much the NCCL transport misses or meets the target at each size, beside the point-to-point
+    ceiling of its design measured in the same run."""
+    parts = []
+    for tokens in sorted({r["tokens"] for r in results}):
+        at = {r["transport"]: r for r in results if r["tokens"] == tokens}
+        if "nccl" not in at or at["nccl"].get("vs_best_a2a") is None:
+            continue
+        ours = at["nccl"]["vs_best_a2a"]
+        ceiling = at.get(PAIRS, {}).get("vs_best_a2a")
+        parts.append(f"{tokens} tokens {ours:.2f}x" + ("" if ceiling is None else f" (ceiling {ceiling:.2f}x)"))
+    if not parts:
+        return ""
+    return (f"Target: the NCCL transport at {TARGET}x the best NCCL all-to-all's bandwidth. Measured: "
+            + ", ".join(parts) + ". Where it is missed, the ceiling says how much of the gap is the design "
+            "(one NCCL kernel per message on a 2-rank communicator of its own, where the all-to-all moves "
+            "every peer's rows, both directions, in one kernel per rank) and how much the protocol.")
+
+
+def report(data: dict) -> str:
+    """The markdown of one run, from what its JSON holds (``--report`` rebuilds it from the file)."""
+    args, env, layout = data["args"], data["environment"], data["layout"]
+    results, overhead, settings = data["results"], data.get("post_overhead_us", {}), data.get("settings", {})
+    n_moe, n_fronts, n_experts = layout["n_moe_layers"], layout["n_fronts"], layout["n_experts"]
+    world = n_fronts + n_moe * n_experts
+    cols = [("transport", "transport", ""), ("tokens", "tokens / micro-batch / front", "d"),
+            ("message_mb", "MB per message", ".1f"), ("seconds", "time (s)", ".4f"),
+            ("gbps", "GB/s (all GPUs)", ".1f"), ("gbps_per_gpu", "GB/s per GPU", ".1f"),
+            ("vs_best_a2a", "vs best NCCL a2a", ".2f"), ("wrong_micro_batches", "wrong", "")]
+    md = [f"# Exchange: dispatch + combine between {world} ranks ({env['card']})", "",
+          f"{n_fronts} fronts + {n_moe} MoE layer(s) x {n_experts} experts, one rank per "
+          f"{'GPU' if args['device'] == 'cuda' else 'CPU process'}; hidden {args['hidden']} bf16, top-{args['top_k']}; "
+          f"{args['micro_batches']} micro-batches per front, {args['in_flight']} in flight, best of {args['repeats']}. "
+          "Bytes counted: every row's dispatch and combine. `a2a`: one all_to_all_single for the dispatch and "
+          "one for the combine per micro-batch; `a2a fused`: one call carrying a dispatch and the previous "
+          "combine. `" + PAIRS + "`: the same micro-batches over the transport's own 2-rank NCCL groups, "
+          "posted in step order straight through torch.distributed with every row count known in advance "
+          "(no control messages, no go-aheads): the ceiling of this transport's design, so its distance "
+          "from `nccl` is the cost of the protocol and its distance from the all-to-all the cost of one "
+          "communicator per pair and direction. "
+          "'wrong' counts micro-batches whose round trip did not return the bytes sent.", "",
+          md_table(results, cols), "", *([verdict(results), ""] if verdict(results) else []),
+          "Host time to post one operation (mean of 200, microseconds): "
+          + (", ".join(f"{k} {v:.1f}" for k, v in overhead.items()) or "not measured") + " (`nccl_*`: "
+          "as the transport posts, through torch.distributed from its side stream after an event; `pg_*`: "
+          "ProcessGroup.send/recv called directly). Each message "
+          "of the NCCL transport costs one NCCL post on each side plus an MPI control message (and, "
+          "towards a front, a go-ahead, so that no receive waits on a GPU that is computing), which is "
+          "its distance from the point-to-point row, largest at small micro-batches.", "",
+          f"Environment: {env}; settings: {settings or 'defaults'}"]
+    return "\n".join(md)
