@@ -366,3 +366,52 @@ def test_silu_mul_kernel_is_bitwise_torch_and_mlp_uses_the_kernels():
         got = mlp(x)
         assert got.shape == x.shape
         assert float((got.float() - want).norm() / want.norm()) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("width,rows", [(512, 300), (1536, 7), (7168, 64), (100, 1)])
+def test_rms_norm_kernel_matches_transformers_formula(width, rows):
+    """The RMSNorm kernel gives transformers' RMSNorm (fp32 statistics, rounded before the weight) for
+    every element, on rows that are a strided split of a wider tensor as in MLA's latent: the same bits
+    but for rare one-ulp differences where the fp32 sum of squares rounds otherwise; and the module
+    uses it on CUDA."""
+    from moe_mpi.model import kernels
+    from moe_mpi.model.layers import RMSNorm
+    if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("Triton not importable")
+    wide = 3 * torch.randn(2, rows, width + 64, device="cuda", dtype=torch.bfloat16)
+    x = wide[..., :width]                                   # rows strided by width + 64
+    norm = RMSNorm(width, 1e-6).to("cuda", torch.bfloat16).requires_grad_(False)
+    norm.weight.copy_(1 + 0.2 * torch.randn(width, device="cuda"))
+    x32 = x.float()
+    want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    got = kernels.rms_norm(x, norm.weight, 1e-6)
+    assert got.shape == x.shape and torch.isfinite(got).all()
+    steps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+    assert int(steps.max()) <= 1
+    assert float((got == want).float().mean()) > 0.99
+    with torch.inference_mode():
+        assert torch.equal(norm(x), got)
+
+
+@needs_cuda
+@pytest.mark.parametrize("vocab", [5, 4095, 4097, 129280])
+def test_token_logprobs_kernel_matches_fp32_log_softmax(vocab):
+    """The fused log-softmax-and-gather kernel gives log_softmax(logits.float())[target] for every row
+    (fp64 of the same bf16 logits as the reference), at vocabularies below, around and at the paper's
+    size, with targets at both ends of the vocabulary and rows of very different scales."""
+    from moe_mpi.model import kernels
+    if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("Triton not importable")
+    n = 37
+    scale = torch.logspace(-2, 1.5, n, device="cuda")[:, None]
+    logits = (scale * torch.randn(n, vocab, device="cuda")).bfloat16()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    targets[0], targets[1] = 0, vocab - 1
+    targets[2] = logits[2].float().argmax()
+    exact = torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None])[:, 0]
+    got = kernels.token_logprobs(logits, targets)
+    torch_fp32 = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert torch.allclose(torch_fp32.double(), exact, rtol=1e-6, atol=2e-5)    # the bound holds for torch
+    assert torch.allclose(got.double(), exact, rtol=1e-6, atol=2e-5)

@@ -20,6 +20,16 @@ Each token count takes a fixed tile configuration (``CONFIGS``), from the benchm
 H200: no autotuning in the runtime, so every run launches the same kernels.
 ``swiglu_mlp(x, gate, up, down)`` picks; ``enabled(x)`` says whether the kernels run for ``x``;
 ``MOE_MPI_TRITON=0`` turns them off.
+
+Two more serve a front, whose per-row work torch splits into many passes over memory:
+
+* ``rms_norm``: transformers' RMSNorm (statistics in fp32, normalised row rounded to the activation
+  type, then times the weight) in one pass, where torch makes eight (cast, square, mean, add, rsqrt,
+  product, cast back, weight).  The same bits but where the fp32 sum of squares, added up in another
+  order, rounds differently.
+* ``token_logprobs``: log p of one token per row from a row of bf16 logits, log-softmax in fp32
+  (online max and sum over the vocabulary) and the gather in one pass.  torch's path writes the
+  logits again in fp32 and reads them twice: at the paper's vocabulary (129,280) 1.6 GB per 1024 rows.
 """
 from __future__ import annotations
 
@@ -138,6 +148,73 @@ if triton is not None:
         # product as torch's two kernels do: the same bits as F.silu(g) * u
         s = tl.math.div_rn(g, 1.0 + libdevice.exp(-g)).to(h_ptr.dtype.element_ty).to(tl.float32)
         tl.store(h_ptr + offs, (s * u).to(h_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, stride_x, stride_y, eps, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) * (1.0 / D) + eps)    # torch's mean: sum x 1/D
+        # rounded to the activation type before the weight, as transformers does; the product is
+        # rounded once more, as torch's bf16 x bf16 is
+        n = (x * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_y + offs, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _token_logprobs_kernel(logits_ptr, target_ptr, out_ptr, V, stride, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        offs = tl.arange(0, BLOCK_V)
+        # a running max and sum per lane, rescaled as the max grows; lanes are merged at the end
+        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            ok = start + offs < V
+            x = tl.load(base + start + offs, mask=ok, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            live = m_new > float("-inf")        # a lane that has seen only padding keeps s = 0
+            s = tl.where(live, s * tl.exp(m - m_new) + tl.exp(x - m_new), 0.0)
+            m = m_new
+        top = tl.max(m, axis=0)
+        total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - top), 0.0), axis=0)
+        target = tl.load(target_ptr + row)
+        picked = tl.load(base + target).to(tl.float32)
+        tl.store(out_ptr + row, picked - top - tl.log(total))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm of the last dimension of CUDA ``x`` in one Triton kernel (rows may be
+    strided, e.g. a split of a wider projection)."""
+    D = x.shape[-1]
+    if weight.shape != (D,) or weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} {weight.dtype} for input "
+                         f"{tuple(x.shape)} {x.dtype}")
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(D)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), y, D, x2.stride(0), y.stride(0), eps,
+                                         BLOCK_D=block, num_warps=max(1, min(16, block // 512)))
+    return y.view(x.shape)
+
+
+def token_logprobs(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits.float())[n, targets[n]] for each row n, as (N,) fp32, in one Triton kernel
+    over CUDA bf16/fp16 ``logits_NV``."""
+    N, V = logits_NV.shape
+    if targets_N.shape != (N,):
+        raise ValueError(f"token_logprobs: {tuple(targets_N.shape)} targets for {N} rows")
+    if logits_NV.stride(-1) != 1:
+        logits_NV = logits_NV.contiguous()
+    out = torch.empty(N, device=logits_NV.device, dtype=torch.float32)
+    if N:
+        _token_logprobs_kernel[(N,)](logits_NV, targets_N.contiguous(), out, V, logits_NV.stride(0),
+                                     BLOCK_V=4096, num_warps=8)
+    return out
 
 
 def gate_up_swiglu(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from . import kernels
 from .layers import MLA, MLP, RMSNorm, rope_frequencies, rope_tables
 from .routing import DispatchPlan, Router, combine, permute, plan_dispatch
 
@@ -179,7 +180,8 @@ class FrontModel(nn.Module):
     def logprobs(self, hidden_BSD: torch.Tensor, batch: Batch, rows_per_slice: int = 1024) -> torch.Tensor:
         """log p(tokens[t] | tokens[:t]) as (B, S) fp32; NaN at t = 0 and at padding.
 
-        The vocabulary-wide softmax runs over slices of rows so its (rows, vocab) buffer stays bounded.
+        The vocabulary-wide softmax runs over slices of rows so its (rows, vocab) buffer stays bounded;
+        on CUDA it is one kernel over the bf16 logits (``kernels.token_logprobs``), no fp32 copy.
         """
         tokens_BS = batch.tokens_BS
         B, S = tokens_BS.shape
@@ -188,8 +190,11 @@ class FrontModel(nn.Module):
         b_idx, t_idx = batch.scored
         for lo in range(0, b_idx.numel(), rows_per_slice):
             b, t = b_idx[lo:lo + rows_per_slice], t_idx[lo:lo + rows_per_slice]
-            logits = self.lm_head(hidden_BSD[b, t - 1]).float()
-            lp = torch.log_softmax(logits, dim=-1).gather(1, tokens_BS[b, t][:, None])[:, 0]
+            logits = self.lm_head(hidden_BSD[b, t - 1])
+            if kernels.enabled(logits):     # CUDA: fp32 log-softmax and gather in one pass
+                lp = kernels.token_logprobs(logits, tokens_BS[b, t])
+            else:
+                lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens_BS[b, t][:, None])[:, 0]
             out_BS[b, t] = lp
         return out_BS
 
