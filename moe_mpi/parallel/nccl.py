@@ -237,6 +237,8 @@ class Net:
 class Send(Op):
     def __init__(self, net: Net, comm, peer: int, step: int, x: torch.Tensor, what: str, ready=None):
         self.net, self.comm, self.peer, self.what, self.x = net, comm, peer, what, x
+        # one direction group per pair: its operations run in posting order on one stream
+        self.order = ("send", id(comm), peer)
         rows = x.shape[0]
         self.control = np.array([step, rows], dtype=np.int64)
         self.reqs = [comm.Isend([self.control, MPI.INT64_T], dest=peer, tag=CONTROL_TAG)]
@@ -262,6 +264,7 @@ class Recv(Op):
                  what: str, fresh: bool = False):
         self.net, self.comm, self.peer, self.step, self.what = net, comm, peer, step, what
         self.out, self.cap = out, cap
+        self.order = ("recv", id(comm), peer)
         self.own = False            # out taken here, from the NCCL stream's pool
         self.work, self.reqs, self.arrived = None, [], False
         # out is free once the compute stream gets here, unless it is fresh from the NCCL stream's pool

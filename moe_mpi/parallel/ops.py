@@ -19,9 +19,12 @@ log = logging.getLogger("moe_mpi")
 
 class Op:
     """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
-    message is sent, or received and its device copy enqueued; ``what`` names the peer for reports."""
+    message is sent, or received and its device copy enqueued; ``what`` names the peer for reports.
+    Operations with the same ``order`` key (not None) complete in the order they were posted, and their
+    ``progress()`` only tests, so a pass stops at the first of them not done yet."""
     what: str = ""
     done: bool = False
+    order: tuple | None = None
 
     def progress(self) -> bool:
         raise NotImplementedError
@@ -128,13 +131,20 @@ class OpTransport:
             self.rec.add_progress(start, self._passed)
 
     def _pass(self) -> None:
-        """One pass over every live message; the caller holds the lock."""
-        still = []
+        """One pass over the live messages, each ordered queue up to its first message not done (a front
+        with 8 micro-batches in flight has up to 64 live, mostly behind one another on a few queues);
+        the caller holds the lock."""
+        still, stuck = [], set()
         for op in self.live:
+            if op.order is not None and op.order in stuck:
+                still.append(op)
+                continue
             if not op.done:
                 op.done = op.progress()
             if not op.done:
                 still.append(op)
+                if op.order is not None:
+                    stuck.add(op.order)
         self.live = still
 
     def background_progress(self) -> None:
