@@ -373,8 +373,8 @@ def test_silu_mul_kernel_is_bitwise_torch_and_mlp_uses_the_kernels():
 def test_rms_norm_kernel_matches_transformers_formula(width, rows):
     """The RMSNorm kernel gives transformers' RMSNorm (fp32 statistics, rounded before the weight) for
     every element, on rows that are a strided split of a wider tensor as in MLA's latent: the same bits
-    but for rare one-ulp differences where the fp32 sum of squares rounds otherwise; and the module
-    uses it on CUDA."""
+    but for rare differences where the fp32 sum of squares rounds otherwise (one ulp in the normalised
+    row, so at most two after the weight's product); and the module uses it on CUDA."""
     from moe_mpi.model import kernels
     from moe_mpi.model.layers import RMSNorm
     if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
@@ -388,7 +388,7 @@ def test_rms_norm_kernel_matches_transformers_formula(width, rows):
     got = kernels.rms_norm(x, norm.weight, 1e-6)
     assert got.shape == x.shape and torch.isfinite(got).all()
     steps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
-    assert int(steps.max()) <= 1
+    assert int(steps.max()) <= 2
     assert float((got == want).float().mean()) > 0.99
     with torch.inference_mode():
         assert torch.equal(norm(x), got)
