@@ -1,5 +1,5 @@
-"""A front's Triton kernels against plain torch, side by side in one run: the head's log-probabilities
-and RMSNorm at paper width, and a whole front micro-batch with the kernels on and off.
+"""A front's Triton kernels against plain torch, side by side in one run: each fused piece at paper
+width, and a whole front micro-batch with the kernels on and off.
 
     python benchmarks/gpu_front_kernels.py            # paper-width slice, bf16, first visible GPU
     python benchmarks/gpu_front_kernels.py --small    # tiny preset (a check of the script)
@@ -9,6 +9,10 @@ and RMSNorm at paper width, and a whole front micro-batch with the kernels on an
   against log-softmax in fp64 of the same logits.
 * RMSNorm of 2048 x 7168 bf16 rows: transformers' formula in torch against ``kernels.rms_norm``: the
   fraction of outputs with the same bits, and the largest difference in units of the last place.
+* A MoE layer's combine of 2048 tokens (both paths copy the residual first; the runtime's kernel
+  updates it in place): ``routing.combine``, the shared experts' add and the residual's
+  ``index_copy_`` against ``kernels.combine_residual_``.
+* MLA's queries of 2048 tokens: ``layers.apply_rope`` and ``torch.cat`` against ``kernels.rope_cat``.
 * A front micro-batch (``gpu_front_host.run_front``: the slice's front for 2048 tokens, experts
   answered by a stub, then the head): GPU time back to back and host time to queue it, with
   ``MOE_MPI_TRITON=0`` (torch for every kernel, the baseline) and on, alternated over several rounds.
@@ -85,6 +89,55 @@ def norm(dev, rows: int, hidden: int) -> list[dict]:
     return out
 
 
+def moe_combine(dev, tokens: int, hidden: int, top_k: int, n_experts: int) -> list[dict]:
+    """A MoE layer's combine, shared experts' add and residual add, as the front runs them."""
+    from moe_mpi.model.routing import combine, plan_dispatch
+    g = torch.Generator(device=dev).manual_seed(2)
+    x = torch.randn(tokens, hidden, device=dev, generator=g, dtype=torch.bfloat16)
+    rows = torch.arange(tokens, device=dev)
+    ids = torch.argsort(torch.rand(tokens, n_experts, device=dev, generator=g), dim=1)[:, :top_k]
+    w = torch.rand(tokens, top_k, device=dev, generator=g)
+    plan = plan_dispatch(ids, n_experts)
+    y = torch.randn(tokens * top_k, hidden, device=dev, generator=g, dtype=torch.bfloat16)
+    shared = torch.randn(tokens, hidden, device=dev, generator=g, dtype=torch.bfloat16)
+
+    def torch_path():
+        moe = combine(y, plan, w).to(x.dtype) + shared
+        out = x.clone()
+        out.index_copy_(0, rows, out.index_select(0, rows) + moe)
+        return out
+
+    def triton_path():
+        return kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
+
+    same = float((torch_path() == triton_path()).float().mean())
+    return [{"piece": f"MoE combine + residual (top-{top_k})", "how": name, "ms": statistics.median(
+                time_ms(fn, dev, warmup=3, iters=20)), "same_bits": 1.0 if fn is torch_path else same}
+            for name, fn in (("torch: combine(), adds, index_copy_", torch_path),
+                             ("Triton: kernels.combine_residual_", triton_path))]
+
+
+def qk_build(dev, tokens: int, heads: int, nope: int, rope: int, interleave: bool) -> list[dict]:
+    """MLA's queries of one micro-batch: the rotary part rotated and joined to the rest, per head."""
+    from moe_mpi.model.layers import apply_rope
+    g = torch.Generator(device=dev).manual_seed(3)
+    q = torch.randn(1, tokens, heads, nope + rope, device=dev, generator=g, dtype=torch.bfloat16)
+    cos, sin = (2 * torch.rand(tokens, rope // 2, device=dev, generator=g) - 1 for _ in range(2))
+
+    def torch_path():
+        qt = q.transpose(1, 2)
+        return torch.cat([qt[..., :nope], apply_rope(qt[..., nope:], cos, sin, interleave)], dim=-1)
+
+    def triton_path():
+        return kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, interleave)
+
+    same = float((torch_path() == triton_path()).float().mean())
+    return [{"piece": f"MLA queries: rotary + concatenation ({heads} heads)", "how": name,
+             "ms": statistics.median(time_ms(fn, dev, warmup=3, iters=20)),
+             "same_bits": 1.0 if fn is torch_path else same}
+            for name, fn in (("torch: apply_rope, cat", torch_path), ("Triton: kernels.rope_cat", triton_path))]
+
+
 def front_round(front, batch, dev, iters: int) -> tuple[float, float]:
     """GPU ms per micro-batch back to back, and host ms to queue one (the stub's count waits included:
     the same in both settings)."""
@@ -117,6 +170,9 @@ def main() -> int:
     with torch.inference_mode():
         pieces = head(dev, min(1024, args.tokens), cfg.vocab_size, cfg.hidden_size)
         pieces += norm(dev, args.tokens, cfg.hidden_size)
+        pieces += moe_combine(dev, args.tokens, cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts)
+        pieces += qk_build(dev, args.tokens, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                           cfg.rope_interleave)
         torch.cuda.empty_cache()
         front = build_front(cfg, seed=0, device=dev, dtype=torch.bfloat16)
         S = min(args.tokens, cfg.max_position_embeddings)
@@ -150,7 +206,7 @@ def main() -> int:
     md = [f"# A front's kernels: Triton against torch ({env['card']})", "",
           f"{cfg.name}; every timing is a median of CUDA-event timings in this one run.", "",
           "Pieces (1024 rows of logits over the vocabulary of "
-          f"{cfg.vocab_size}; RMSNorm of {args.tokens} x {cfg.hidden_size}):", "",
+          f"{cfg.vocab_size}; RMSNorm and the MoE combine of {args.tokens} x {cfg.hidden_size}):", "",
           md_table(pieces, [("piece", "piece", ""), ("how", "how", ""), ("ms", "ms", ".3f"),
                             ("gbps_logits_read", "GB/s of bf16 logits read", ".0f"),
                             ("max_abs_err_vs_fp64", "max abs error vs fp64", ".2e"),

@@ -415,3 +415,73 @@ def test_token_logprobs_kernel_matches_fp32_log_softmax(vocab):
     assert got.dtype == torch.float32 and got.shape == (n,)
     assert torch.allclose(torch_fp32.double(), exact, rtol=1e-6, atol=2e-5)    # the bound holds for torch
     assert torch.allclose(got.double(), exact, rtol=1e-6, atol=2e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("top_k,with_shared", [(2, True), (2, False), (8, True)])
+def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
+    """The fused combine gives what routing.combine, the shared experts' add and the residual add give,
+    for every element: the same bits at top-2 (two products sum alike in any order), within two ulps at
+    top-8 (torch sums the eight in another order); rows of padding (not routed) keep their bits."""
+    from moe_mpi.model import kernels
+    from moe_mpi.model.routing import combine, plan_dispatch
+    if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("Triton not importable")
+    R, T, D, E = 300, 257, 7168, 16
+    x = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randperm(R, device="cuda")[:T].sort().values
+    ids = torch.argsort(torch.rand(T, E, device="cuda"), dim=1)[:, :top_k]
+    w = torch.rand(T, top_k, device="cuda")
+    plan = plan_dispatch(ids, E)
+    y = torch.randn(T * top_k, D, device="cuda", dtype=torch.bfloat16)
+    shared = torch.randn(T, D, device="cuda", dtype=torch.bfloat16) if with_shared else None
+    moe = combine(y, plan, w).to(torch.bfloat16)
+    if shared is not None:
+        moe = moe + shared
+    want = x.clone()
+    want.index_copy_(0, rows, want.index_select(0, rows) + moe)
+    got = kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
+    pad = torch.ones(R, dtype=torch.bool, device="cuda")
+    pad[rows] = False
+    assert torch.equal(got[pad], x[pad])
+    if top_k == 2:
+        assert torch.equal(got, want)
+    else:
+        assert int((got.view(torch.int16).int() - want.view(torch.int16).int()).abs().max()) <= 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_cat_kernel_is_bitwise_apply_rope_and_cat(interleave, monkeypatch):
+    """MLA's q and k built by the kernel have torch's bits (apply_rope's bf16 roundings, then cat),
+    at the paper's head sizes with odd sequence and head counts, for queries (one rotary part per head)
+    and keys (one shared by every head, repeated with stride 0); and MLA with the kernels agrees with
+    MLA without them within bf16 rounding (its latent norms run the RMSNorm kernel)."""
+    from moe_mpi.model import kernels
+    from moe_mpi.model.layers import MLA, apply_rope
+    if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("Triton not importable")
+    B, S, H, n, r = 2, 37, 5, 128, 64
+    cos, sin = 2 * torch.rand(S, r // 2, device="cuda") - 1, 2 * torch.rand(S, r // 2, device="cuda") - 1
+    q = torch.randn(B, S, H, n + r, device="cuda", dtype=torch.bfloat16)
+    qt = q.transpose(1, 2)
+    want = torch.cat([qt[..., :n], apply_rope(qt[..., n:], cos, sin, interleave)], dim=-1)
+    assert torch.equal(kernels.rope_cat(q[..., :n], q[..., n:], cos, sin, interleave), want)
+    kv = torch.randn(B, S, H, n + 128, device="cuda", dtype=torch.bfloat16)
+    k_rot = torch.randn(B, S, r, device="cuda", dtype=torch.bfloat16)
+    want = torch.cat([kv.transpose(1, 2)[..., :n],
+                      apply_rope(k_rot[:, None], cos, sin, interleave).expand(B, H, S, r)], dim=-1)
+    got = kernels.rope_cat(kv[..., :n], k_rot[:, :, None, :].expand(B, S, H, r), cos, sin, interleave)
+    assert torch.equal(got, want)
+
+    cfg = ModelConfig.load("tiny")
+    mla = MLA(cfg).to("cuda", torch.bfloat16).requires_grad_(False)
+    for p in mla.parameters():
+        p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    x = torch.randn(2, 24, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    c, s = (2 * torch.rand(24, cfg.qk_rope_head_dim // 2, device="cuda") - 1 for _ in range(2))
+    with torch.inference_mode():
+        fused = mla(x, c, s)
+        monkeypatch.setenv("MOE_MPI_TRITON", "0")
+        plain = mla(x, c, s)
+    assert float((fused.float() - plain.float()).norm() / plain.float().norm()) < 1e-2

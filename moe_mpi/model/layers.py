@@ -141,6 +141,8 @@ class MLA(nn.Module):
             q = self.q_proj(x_BSD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        if kernels.enabled(x_BSD):      # CUDA: each of q and k built in one kernel, torch's bits
+            return self._attend_fused(x_BSD, q, cos, sin)
         q = q.view(B, S, H, nope + rope).transpose(1, 2)                      # (B, H, S, nope+rope)
         q_nope, q_rot = q.split([nope, rope], dim=-1)
 
@@ -158,3 +160,19 @@ class MLA(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
         out = out.transpose(1, 2).reshape(B, S, H * dv)                       # (B, S, H*dv)
         return self.o_proj(out)
+
+    def _attend_fused(self, x_BSD: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """forward() from the queries on, with ``kernels.rope_cat`` building q and k."""
+        cfg = self.cfg
+        B, S, _ = x_BSD.shape
+        H, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        q = q.view(B, S, H, nope + rope)
+        kv_a = self.kv_a_proj_with_mqa(x_BSD)
+        kv_latent, k_rot = kv_a.split([cfg.kv_lora_rank, rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, S, H, nope + dv)
+        q = kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, cfg.rope_interleave)
+        k = kernels.rope_cat(kv[..., :nope], k_rot[:, :, None, :].expand(B, S, H, rope), cos, sin,
+                             cfg.rope_interleave)
+        v = kv[..., nope:].transpose(1, 2)                                    # (B, H, S, dv)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * dv))

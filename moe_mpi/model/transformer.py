@@ -164,12 +164,18 @@ class FrontModel(nn.Module):
             x_ND = permute(h_TD, plan)
             plan.record()
             y_ND = yield ExpertRequest(cfg.moe_index(i), x_ND, plan)
-            moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
-            if layer.mlp.shared_experts is not None:
-                moe_TD = moe_TD + layer.mlp.shared_experts(h_TD)
-            x_TD = x_BSD.reshape(B * S, D).clone()    # x[valid] += moe, without a boolean mask
-            x_TD.index_copy_(0, valid_T, x_TD.index_select(0, valid_T) + moe_TD)
-            x_BSD = x_TD.view(B, S, D)
+            shared = layer.mlp.shared_experts
+            if kernels.enabled(y_ND) and x_BSD.is_contiguous():    # CUDA: one kernel, in place
+                # x_BSD is this generator's own (the sum above), so it may be updated in place
+                kernels.combine_residual_(x_BSD.view(B * S, D), valid_T, y_ND, plan.order_N, weights_TK,
+                                          None if shared is None else shared(h_TD))
+            else:
+                moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
+                if shared is not None:
+                    moe_TD = moe_TD + shared(h_TD)
+                x_TD = x_BSD.reshape(B * S, D).clone()    # x[valid] += moe, without a boolean mask
+                x_TD.index_copy_(0, valid_T, x_TD.index_select(0, valid_T) + moe_TD)
+                x_BSD = x_TD.view(B, S, D)
             ids_per_layer.append(ids_TK)
             load_per_layer.append(plan.counts_E)
 
