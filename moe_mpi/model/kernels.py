@@ -163,10 +163,10 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(x * x, axis=0) * (1.0 / D) + eps)    # torch's mean: sum x 1/D
         # rounded to the activation type before the weight, as transformers does; the product is
-        # rounded once more, as torch's bf16 x bf16 is
-        n = (x * inv).to(y_ptr.dtype.element_ty).to(tl.float32)
+        # rounded once more, as torch's bf16 x bf16 is (mul_rn: see _combine_residual_kernel)
+        n = libdevice.mul_rn(x, inv).to(y_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs, (w * n).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_ptr + row * stride_y + offs, libdevice.mul_rn(w, n).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _token_logprobs_kernel(logits_ptr, target_ptr, out_ptr, V, stride, BLOCK_V: tl.constexpr):
@@ -195,19 +195,24 @@ if triton is not None:
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         ok = offs < D
-        # sum over the slots in slot order, each answer times its weight, in fp32 (as combine())
+        # sum over the slots in slot order, each answer times its weight, in fp32 (as combine()).
+        # Every product and sum is an explicitly rounded mul_rn / add_rn: plain * and + are fused
+        # into FMAs and, around a round trip through bf16, lose torch's roundings (a quarter of the
+        # outputs of a * b - c * d differed from torch's on an H200)
         acc = tl.zeros([BLOCK_D], tl.float32)
         for k in tl.static_range(K):
             src = tl.load(src_ptr + t * K + k)
             w = tl.load(w_ptr + t * K + k).to(tl.float32)
-            acc += tl.load(y_ptr + src * stride_y + offs, mask=ok, other=0.0).to(tl.float32) * w
-        moe = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+            y = tl.load(y_ptr + src * stride_y + offs, mask=ok, other=0.0).to(tl.float32)
+            acc = libdevice.add_rn(acc, libdevice.mul_rn(y, w))
+        ty = x_ptr.dtype.element_ty
+        moe = acc.to(ty).to(tl.float32)
         if HAS_SHARED:
             shared = tl.load(shared_ptr + t * stride_s + offs, mask=ok, other=0.0).to(tl.float32)
-            moe = (moe + shared).to(x_ptr.dtype.element_ty).to(tl.float32)
+            moe = libdevice.add_rn(moe, shared).to(ty).to(tl.float32)
         row = tl.load(rows_ptr + t)
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * stride_x + offs, (x + moe).to(x_ptr.dtype.element_ty), mask=ok)
+        tl.store(x_ptr + row * stride_x + offs, libdevice.add_rn(x, moe).to(ty), mask=ok)
     @triton.jit
     def _rope_cat_kernel(nope_ptr, rot_ptr, cos_ptr, sin_ptr, out_ptr, S, H,
                          n_sb, n_ss, n_sh, r_sb, r_ss, r_sh,
@@ -234,10 +239,13 @@ if triton is not None:
         x2 = tl.load(rot + i2[None, :], mask=r_ok, other=0.0).to(tl.float32)
         ty = out_ptr.dtype.element_ty
         # the tables rounded to the activations' type, every product and sum rounded as torch's are
+        # (explicitly rounded operations, as in _combine_residual_kernel)
         c = tl.load(cos_ptr + s * HALF + r, mask=r < HALF, other=0.0).to(ty).to(tl.float32)[None, :]
         sn = tl.load(sin_ptr + s * HALF + r, mask=r < HALF, other=0.0).to(ty).to(tl.float32)[None, :]
-        lo = (x1 * c).to(ty).to(tl.float32) - (x2 * sn).to(ty).to(tl.float32)
-        hi = (x2 * c).to(ty).to(tl.float32) + (x1 * sn).to(ty).to(tl.float32)
+        lo = libdevice.sub_rn(libdevice.mul_rn(x1, c).to(ty).to(tl.float32),
+                              libdevice.mul_rn(x2, sn).to(ty).to(tl.float32))
+        hi = libdevice.add_rn(libdevice.mul_rn(x2, c).to(ty).to(tl.float32),
+                              libdevice.mul_rn(x1, sn).to(ty).to(tl.float32))
         tl.store(out_row + NOPE + r[None, :], lo.to(ty), mask=r_ok)
         tl.store(out_row + NOPE + HALF + r[None, :], hi.to(ty), mask=r_ok)
 
