@@ -421,8 +421,9 @@ def test_token_logprobs_kernel_matches_fp32_log_softmax(vocab):
 @pytest.mark.parametrize("top_k,with_shared", [(2, True), (2, False), (8, True)])
 def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
     """The fused combine gives what routing.combine, the shared experts' add and the residual add give,
-    for every element: the same bits at top-2 (two products sum alike in any order), within two ulps at
-    top-8 (torch sums the eight in another order); rows of padding (not routed) keep their bits."""
+    for every element: the same bits at top-2 (two products sum alike in any order); at top-8, where
+    torch sums the eight in another order, within a bf16 rounding of the operands' size (an ulp of the
+    sum can be many of a result that cancels); rows of padding (not routed) keep their bits."""
     from moe_mpi.model import kernels
     from moe_mpi.model.routing import combine, plan_dispatch
     if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
@@ -447,7 +448,9 @@ def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
     if top_k == 2:
         assert torch.equal(got, want)
     else:
-        assert int((got.view(torch.int16).int() - want.view(torch.int16).int()).abs().max()) <= 2
+        size = x.float().abs()
+        size[rows] += combine(y.abs(), plan, w) + (0 if shared is None else shared.float().abs())
+        assert bool(((got.float() - want.float()).abs() <= 2 ** -7 * size).all())
 
 
 @needs_cuda
