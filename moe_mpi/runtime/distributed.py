@@ -36,7 +36,8 @@ from ..model.transformer import FrontModel
 from ..model.weights import build_expert, build_front
 from ..parallel.partition import WorkPlan
 from ..parallel.topology import Communicators, Layout, Role
-from .job import PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, warm_up_expert, warm_up_front
+from .job import (PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, warm_up_expert, warm_up_front,
+                  warm_up_size)
 from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
@@ -200,7 +201,7 @@ class TorchProfile:
 def run_front(ctx: Context, writer: Writer | None) -> None:
     opts, f = ctx.opts, ctx.role.front
     front: FrontModel = build_front(ctx.cfg, **ctx.weights_kw())
-    warm_up_front(front, ctx.cfg, ctx.prep.spec.mode, ctx.device)
+    warm_up_front(front, ctx.cfg, ctx.prep.spec.mode, ctx.device, warm_up_size(ctx.prep, ctx.opts, ctx.cfg))
     reader = InputReader(ctx.prep.spec)
     mine = list(ctx.plan.per_front[f].items())   # [(step, sequences)]
     world = ctx.comms.world
@@ -318,7 +319,9 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
 def run_expert(ctx: Context) -> None:
     role, plan, lengths = ctx.role, ctx.plan, ctx.prep.spec.lengths
     mlp = build_expert(ctx.cfg, role.layer, role.expert, **ctx.weights_kw())
-    warm_up_expert(mlp, ctx.cfg, ctx.opts.torch_dtype, ctx.device)
+    n = warm_up_size(ctx.prep, ctx.opts, ctx.cfg)      # every front's rows at balanced routing
+    typical = n * ctx.cfg.num_experts_per_tok * ctx.layout.n_fronts // max(1, ctx.cfg.n_routed_experts)
+    warm_up_expert(mlp, ctx.cfg, ctx.opts.torch_dtype, ctx.device, typical)
     steps, depth = plan.steps, max(2, ctx.opts.in_flight)
     receives: dict = {}
     replies: deque = deque()

@@ -207,11 +207,23 @@ def run_attributes(opts: ScoreOptions, cfg: ModelConfig, *, world_size: int, mpi
     return attrs
 
 
+def warm_up_size(prep: "Prepared", opts: "ScoreOptions", cfg: ModelConfig) -> int:
+    """Tokens of the made-up sequence a front warms up with: as long as the largest micro-batch's rows
+    (the longest input sequence, at most a micro-batch's tokens), so the kernels the real shapes pick
+    are loaded before the clock too, not only those of a tiny batch."""
+    longest = int(prep.spec.lengths.max()) if len(prep.spec.lengths) else 1
+    return max(1, min(opts.micro_batch_tokens, longest, cfg.max_position_embeddings))
+
+
 def warm_up_front(front: FrontModel, cfg: ModelConfig, mode: str, device: torch.device, n: int = 16) -> None:
-    """One forward pass of a tiny made-up sequence, experts answering zeros, before the clock starts.
-    The first call of each kernel loads its module, creates the cuBLAS and cuDNN handles and compiles
-    Triton kernels: seconds on a GPU, which inside the scoring window held the first micro-batches of
-    every front (the end-to-end benchmark's first results came 2.5-3.4 s after the start)."""
+    """One forward pass of a made-up sequence of ``n`` tokens, experts answering zeros, before the clock
+    starts.  The first call of each kernel loads its module, creates the cuBLAS and cuDNN handles and
+    compiles Triton kernels: seconds on a GPU, which inside the scoring window held the first
+    micro-batches of every front (the end-to-end benchmark's first results came 2.5-3.4 s after the
+    start).  A 16-token warm-up left the kernels of the real shapes (cuBLAS picks by shape, cuDNN builds
+    a plan per shape) to the first micro-batches: the first run on a machine still started late
+    (0.6-1.25 s), unless a benchmark at the real shapes had run on it before; so callers pass the real
+    size (``warm_up_size``)."""
     lengths = torch.tensor([n], device=device)
     host = np.array([n], dtype=np.int64)
     with torch.inference_mode():
@@ -227,11 +239,12 @@ def warm_up_front(front: FrontModel, cfg: ModelConfig, mode: str, device: torch.
         torch.cuda.synchronize(device)
 
 
-def warm_up_expert(mlp, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+def warm_up_expert(mlp, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, typical: int = 0) -> None:
     """The expert's MLP on made-up rows of each size class its kernels specialise on (one row, a few, a
-    multiple of 16, and the first size past the fused kernel), before the clock starts."""
+    multiple of 16, and the first size past the fused kernel), and ``typical`` rows (what a step brings
+    with balanced routing), before the clock starts."""
     with torch.inference_mode():
-        for rows in (1, 2, FUSED_MAX_TOKENS, FUSED_MAX_TOKENS + 1):
+        for rows in sorted({1, 2, FUSED_MAX_TOKENS, FUSED_MAX_TOKENS + 1, max(1, typical)}):
             mlp(torch.ones(rows, cfg.hidden_size, device=device, dtype=dtype))
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -12,7 +12,7 @@ from ..model.transformer import LocalExperts, drive
 from ..model.weights import build_all_experts, build_front
 from ..io.inputs import InputReader
 from .job import (Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results,
-                  warm_up_expert, warm_up_front)
+                  warm_up_expert, warm_up_front, warm_up_size)
 
 log = logging.getLogger("moe_mpi")
 
@@ -25,9 +25,11 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
         kw = dict(seed=opts.seed, dtype=opts.torch_dtype, device=device, checkpoint=checkpoint(opts))
         front = build_front(cfg, **kw)
         experts = LocalExperts(build_all_experts(cfg, **kw))
-        warm_up_front(front, cfg, prep.spec.mode, device)       # before the clock, as the distributed run
+        n = warm_up_size(prep, opts, cfg)
+        warm_up_front(front, cfg, prep.spec.mode, device, n)    # before the clock, as the distributed run
         if experts.experts and experts.experts[0]:              # one expert: the kernels are per process
-            warm_up_expert(experts.experts[0][0], cfg, opts.torch_dtype, device)
+            typical = n * cfg.num_experts_per_tok // max(1, cfg.n_routed_experts)
+            warm_up_expert(experts.experts[0][0], cfg, opts.torch_dtype, device, typical)
         plan = prep.plan(1, opts.micro_batch_tokens)
         reader = InputReader(prep.spec)
         n_tokens = prep.tokens_in(plan)
