@@ -5,14 +5,14 @@ width, and a whole front micro-batch with the kernels on and off.
     python benchmarks/gpu_front_kernels.py --small    # tiny preset (a check of the script)
 
 * Head: log p of each row's next token from 1024 rows of bf16 logits over the paper's vocabulary:
-  torch's ``log_softmax(logits.float()).gather`` against ``kernels.token_logprobs``, both checked
+  torch's ``log_softmax(logits.float()).gather`` against ``front_kernels.token_logprobs``, both checked
   against log-softmax in fp64 of the same logits.
-* RMSNorm of 2048 x 7168 bf16 rows: transformers' formula in torch against ``kernels.rms_norm``: the
+* RMSNorm of 2048 x 7168 bf16 rows: transformers' formula in torch against ``front_kernels.rms_norm``: the
   fraction of outputs with the same bits, and the largest difference in units of the last place.
 * A MoE layer's combine of 2048 tokens (both paths copy the residual first; the runtime's kernel
   updates it in place): ``routing.combine``, the shared experts' add and the residual's
-  ``index_copy_`` against ``kernels.combine_residual_``.
-* MLA's queries of 2048 tokens: ``layers.apply_rope`` and ``torch.cat`` against ``kernels.rope_cat``.
+  ``index_copy_`` against ``front_kernels.combine_residual_``.
+* MLA's queries of 2048 tokens: ``layers.apply_rope`` and ``torch.cat`` against ``front_kernels.rope_cat``.
 * A front micro-batch (``gpu_front_host.run_front``: the slice's front for 2048 tokens, experts
   answered by a stub, then the head): GPU time back to back and host time to queue it, with
   ``MOE_MPI_TRITON=0`` (torch for every kernel, the baseline) and on, alternated over several rounds.
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import RESULTS, card_slug, environment, md_table, time_ms, write_results  # noqa: E402
 from gpu_end_to_end import slice_config  # noqa: E402
 from gpu_front_host import run_front  # noqa: E402
-from moe_mpi.model import kernels  # noqa: E402
+from moe_mpi.model import front_kernels, kernels  # noqa: E402
 from moe_mpi.model.transformer import Batch, to_device  # noqa: E402
 from moe_mpi.model.weights import build_front  # noqa: E402
 
@@ -66,7 +66,7 @@ def head(dev, rows: int, vocab: int, hidden: int) -> list[dict]:
     exact = torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None])[:, 0]
     out = []
     for name, fn in (("torch: log_softmax(logits.float()).gather", torch_logprobs),
-                     ("Triton: kernels.token_logprobs", kernels.token_logprobs)):
+                     ("Triton: front_kernels.token_logprobs", front_kernels.token_logprobs)):
         got = fn(logits, targets)
         ms = statistics.median(time_ms(lambda: fn(logits, targets), dev, warmup=3, iters=20))
         out.append({"piece": "head", "how": name, "ms": ms, "gbps_logits_read": rows * vocab * 2 / ms / 1e6,
@@ -79,10 +79,10 @@ def norm(dev, rows: int, hidden: int) -> list[dict]:
     x = torch.randn(rows, hidden, device=dev, generator=g, dtype=torch.bfloat16)
     w = (1 + 0.1 * torch.randn(hidden, device=dev, generator=g)).bfloat16()
     want = torch_rms_norm(x, w, 1e-6)
-    got = kernels.rms_norm(x, w, 1e-6)
+    got = front_kernels.rms_norm(x, w, 1e-6)
     same, far = float((got == want).float().mean()), ulps(got, want)
     out = []
-    for name, fn in (("torch: transformers' formula", torch_rms_norm), ("Triton: kernels.rms_norm", kernels.rms_norm)):
+    for name, fn in (("torch: transformers' formula", torch_rms_norm), ("Triton: front_kernels.rms_norm", front_kernels.rms_norm)):
         ms = statistics.median(time_ms(lambda: fn(x, w, 1e-6), dev, warmup=3, iters=20))
         out.append({"piece": "rms_norm", "how": name, "ms": ms, "same_bits": same if "Triton" in name else 1.0,
                     "max_ulps": far if "Triton" in name else 0})
@@ -108,13 +108,13 @@ def moe_combine(dev, tokens: int, hidden: int, top_k: int, n_experts: int) -> li
         return out
 
     def triton_path():
-        return kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
+        return front_kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
 
     same = float((torch_path() == triton_path()).float().mean())
     return [{"piece": f"MoE combine + residual (top-{top_k})", "how": name, "ms": statistics.median(
                 time_ms(fn, dev, warmup=3, iters=20)), "same_bits": 1.0 if fn is torch_path else same}
             for name, fn in (("torch: combine(), adds, index_copy_", torch_path),
-                             ("Triton: kernels.combine_residual_", triton_path))]
+                             ("Triton: front_kernels.combine_residual_", triton_path))]
 
 
 def qk_build(dev, tokens: int, heads: int, nope: int, rope: int, interleave: bool) -> list[dict]:
@@ -129,13 +129,13 @@ def qk_build(dev, tokens: int, heads: int, nope: int, rope: int, interleave: boo
         return torch.cat([qt[..., :nope], apply_rope(qt[..., nope:], cos, sin, interleave)], dim=-1)
 
     def triton_path():
-        return kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, interleave)
+        return front_kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, interleave)
 
     same = float((torch_path() == triton_path()).float().mean())
     return [{"piece": f"MLA queries: rotary + concatenation ({heads} heads)", "how": name,
              "ms": statistics.median(time_ms(fn, dev, warmup=3, iters=20)),
              "same_bits": 1.0 if fn is torch_path else same}
-            for name, fn in (("torch: apply_rope, cat", torch_path), ("Triton: kernels.rope_cat", triton_path))]
+            for name, fn in (("torch: apply_rope, cat", torch_path), ("Triton: front_kernels.rope_cat", triton_path))]
 
 
 def front_round(front, batch, dev, iters: int) -> tuple[float, float]:

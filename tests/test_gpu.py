@@ -375,7 +375,7 @@ def test_rms_norm_kernel_matches_transformers_formula(width, rows):
     every element, on rows that are a strided split of a wider tensor as in MLA's latent: the same bits
     but for rare differences where the fp32 sum of squares rounds otherwise (one ulp in the normalised
     row, so at most two after the weight's product); and the module uses it on CUDA."""
-    from moe_mpi.model import kernels
+    from moe_mpi.model import front_kernels, kernels
     from moe_mpi.model.layers import RMSNorm
     if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("Triton not importable")
@@ -385,7 +385,7 @@ def test_rms_norm_kernel_matches_transformers_formula(width, rows):
     norm.weight.copy_(1 + 0.2 * torch.randn(width, device="cuda"))
     x32 = x.float()
     want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-    got = kernels.rms_norm(x, norm.weight, 1e-6)
+    got = front_kernels.rms_norm(x, norm.weight, 1e-6)
     assert got.shape == x.shape and torch.isfinite(got).all()
     steps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
     assert int(steps.max()) <= 2
@@ -400,7 +400,7 @@ def test_token_logprobs_kernel_matches_fp32_log_softmax(vocab):
     """The fused log-softmax-and-gather kernel gives log_softmax(logits.float())[target] for every row
     (fp64 of the same bf16 logits as the reference), at vocabularies below, around and at the paper's
     size, with targets at both ends of the vocabulary and rows of very different scales."""
-    from moe_mpi.model import kernels
+    from moe_mpi.model import front_kernels, kernels
     if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("Triton not importable")
     n = 37
@@ -410,7 +410,7 @@ def test_token_logprobs_kernel_matches_fp32_log_softmax(vocab):
     targets[0], targets[1] = 0, vocab - 1
     targets[2] = logits[2].float().argmax()
     exact = torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None])[:, 0]
-    got = kernels.token_logprobs(logits, targets)
+    got = front_kernels.token_logprobs(logits, targets)
     torch_fp32 = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
     assert got.dtype == torch.float32 and got.shape == (n,)
     assert torch.allclose(torch_fp32.double(), exact, rtol=1e-6, atol=2e-5)    # the bound holds for torch
@@ -424,7 +424,7 @@ def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
     for every element: the same bits at top-2 (two products sum alike in any order); at top-8, where
     torch sums the eight in another order, within a bf16 rounding of the operands' size (an ulp of the
     sum can be many of a result that cancels); rows of padding (not routed) keep their bits."""
-    from moe_mpi.model import kernels
+    from moe_mpi.model import front_kernels, kernels
     from moe_mpi.model.routing import combine, plan_dispatch
     if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("Triton not importable")
@@ -441,7 +441,7 @@ def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
         moe = moe + shared
     want = x.clone()
     want.index_copy_(0, rows, want.index_select(0, rows) + moe)
-    got = kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
+    got = front_kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
     pad = torch.ones(R, dtype=torch.bool, device="cuda")
     pad[rows] = False
     assert torch.equal(got[pad], x[pad])
@@ -460,7 +460,7 @@ def test_rope_cat_kernel_is_bitwise_apply_rope_and_cat(interleave, monkeypatch):
     at the paper's head sizes with odd sequence and head counts, for queries (one rotary part per head)
     and keys (one shared by every head, repeated with stride 0); and MLA with the kernels agrees with
     MLA without them within bf16 rounding (its latent norms run the RMSNorm kernel)."""
-    from moe_mpi.model import kernels
+    from moe_mpi.model import front_kernels, kernels
     from moe_mpi.model.layers import MLA, apply_rope
     if not kernels.enabled(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("Triton not importable")
@@ -469,12 +469,12 @@ def test_rope_cat_kernel_is_bitwise_apply_rope_and_cat(interleave, monkeypatch):
     q = torch.randn(B, S, H, n + r, device="cuda", dtype=torch.bfloat16)
     qt = q.transpose(1, 2)
     want = torch.cat([qt[..., :n], apply_rope(qt[..., n:], cos, sin, interleave)], dim=-1)
-    assert torch.equal(kernels.rope_cat(q[..., :n], q[..., n:], cos, sin, interleave), want)
+    assert torch.equal(front_kernels.rope_cat(q[..., :n], q[..., n:], cos, sin, interleave), want)
     kv = torch.randn(B, S, H, n + 128, device="cuda", dtype=torch.bfloat16)
     k_rot = torch.randn(B, S, r, device="cuda", dtype=torch.bfloat16)
     want = torch.cat([kv.transpose(1, 2)[..., :n],
                       apply_rope(k_rot[:, None], cos, sin, interleave).expand(B, H, S, r)], dim=-1)
-    got = kernels.rope_cat(kv[..., :n], k_rot[:, :, None, :].expand(B, S, H, r), cos, sin, interleave)
+    got = front_kernels.rope_cat(kv[..., :n], k_rot[:, :, None, :].expand(B, S, H, r), cos, sin, interleave)
     assert torch.equal(got, want)
 
     cfg = ModelConfig.load("tiny")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import kernels
+from . import front_kernels, kernels
 
 
 class RMSNorm(nn.Module):
@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.enabled(x) and self.weight.dtype == x.dtype:     # CUDA: one Triton kernel
-            return kernels.rms_norm(x, self.weight, self.eps)
+            return front_kernels.rms_norm(x, self.weight, self.eps)
         # Statistics in fp32, then back to the activation dtype before the weight, as transformers does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -162,7 +162,7 @@ class MLA(nn.Module):
         return self.o_proj(out)
 
     def _attend_fused(self, x_BSD: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """forward() from the queries on, with ``kernels.rope_cat`` building q and k."""
+        """forward() from the queries on, with ``front_kernels.rope_cat`` building q and k."""
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -170,8 +170,8 @@ class MLA(nn.Module):
         kv_a = self.kv_a_proj_with_mqa(x_BSD)
         kv_latent, k_rot = kv_a.split([cfg.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, S, H, nope + dv)
-        q = kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, cfg.rope_interleave)
-        k = kernels.rope_cat(kv[..., :nope], k_rot[:, :, None, :].expand(B, S, H, rope), cos, sin,
+        q = front_kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, cfg.rope_interleave)
+        k = front_kernels.rope_cat(kv[..., :nope], k_rot[:, :, None, :].expand(B, S, H, rope), cos, sin,
                              cfg.rope_interleave)
         v = kv[..., nope:].transpose(1, 2)                                    # (B, H, S, dv)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)

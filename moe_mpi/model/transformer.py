@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from . import kernels
+from . import front_kernels, kernels
 from .layers import MLA, MLP, RMSNorm, rope_frequencies, rope_tables
 from .routing import DispatchPlan, Router, combine, permute, plan_dispatch
 
@@ -167,7 +167,7 @@ class FrontModel(nn.Module):
             shared = layer.mlp.shared_experts
             if kernels.enabled(y_ND) and x_BSD.is_contiguous():    # CUDA: one kernel, in place
                 # x_BSD is this generator's own (the sum above), so it may be updated in place
-                kernels.combine_residual_(x_BSD.view(B * S, D), valid_T, y_ND, plan.order_N, weights_TK,
+                front_kernels.combine_residual_(x_BSD.view(B * S, D), valid_T, y_ND, plan.order_N, weights_TK,
                                           None if shared is None else shared(h_TD))
             else:
                 moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
@@ -187,7 +187,7 @@ class FrontModel(nn.Module):
         """log p(tokens[t] | tokens[:t]) as (B, S) fp32; NaN at t = 0 and at padding.
 
         The vocabulary-wide softmax runs over slices of rows so its (rows, vocab) buffer stays bounded;
-        on CUDA it is one kernel over the bf16 logits (``kernels.token_logprobs``), no fp32 copy.
+        on CUDA it is one kernel over the bf16 logits (``front_kernels.token_logprobs``), no fp32 copy.
         """
         tokens_BS = batch.tokens_BS
         B, S = tokens_BS.shape
@@ -198,7 +198,7 @@ class FrontModel(nn.Module):
             b, t = b_idx[lo:lo + rows_per_slice], t_idx[lo:lo + rows_per_slice]
             logits = self.lm_head(hidden_BSD[b, t - 1])
             if kernels.enabled(logits):     # CUDA: fp32 log-softmax and gather in one pass
-                lp = kernels.token_logprobs(logits, tokens_BS[b, t])
+                lp = front_kernels.token_logprobs(logits, tokens_BS[b, t])
             else:
                 lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens_BS[b, t][:, None])[:, 0]
             out_BS[b, t] = lp

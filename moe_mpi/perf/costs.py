@@ -169,7 +169,7 @@ def embed(cfg: ModelConfig, T: float, b: int) -> Piece:
 def lm_head(cfg: ModelConfig, T: float, b: int) -> Piece:
     """Final norm, logits in slices of LOGIT_ROWS rows, fp32 log-softmax and gather.  The head's weights
     are read once per slice; the fp32 logits are written once and read twice (max, then sum).  That is
-    torch's path; on CUDA one kernel reads the bf16 logits once (``kernels.token_logprobs``), so the
+    torch's path; on CUDA one kernel reads the bf16 logits once (``front_kernels.token_logprobs``), so the
     bytes here bound it from above (the head's product dominates at paper width either way)."""
     D, V = cfg.hidden_size, cfg.vocab_size
     slices = max(1.0, -(-T // LOGIT_ROWS))
