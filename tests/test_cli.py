@@ -204,3 +204,20 @@ def test_bundled_model_matches_seeded_weights(tmp_path):
     cli("score", "inputs/tiny.h5", a, "--model", "inputs/tiny-model", check=True)
     cli("score", "inputs/tiny.h5", b, "--config", "tiny", check=True)
     assert np.array_equal(read(a)["token_logprobs"], read(b)["token_logprobs"], equal_nan=True)
+
+
+def test_warm_up_size_is_the_largest_micro_batch_row():
+    """The made-up sequence a front warms up with is as long as the longest input sequence, capped by a
+    micro-batch's tokens and the model's positions (hand-worked cases)."""
+    from dataclasses import replace
+
+    from moe_mpi.io.inputs import InputSpec
+    from moe_mpi.runtime.job import Prepared, ScoreOptions, warm_up_size
+    cfg = ModelConfig.load("tiny")
+    spec = InputSpec("in.h5", "tokens", 3, 40, np.array([5, 30, 12]), None)
+    prep = Prepared(spec, np.zeros(3, dtype=bool))
+    opts = ScoreOptions("in.h5", "out.h5", micro_batch_tokens=16)
+    assert warm_up_size(prep, opts, cfg) == 16                                   # a micro-batch's tokens
+    assert warm_up_size(prep, replace(opts, micro_batch_tokens=100), cfg) == 30  # the longest sequence
+    short = replace(cfg, max_position_embeddings=20)
+    assert warm_up_size(prep, replace(opts, micro_batch_tokens=100), short) == 20  # the model's positions

@@ -167,8 +167,12 @@ def combine_residual_(x_RD: torch.Tensor, rows_T: torch.Tensor, y_ND: torch.Tens
     if y_ND.shape != (T * K, D) or rows_T.shape != (T,) or order_N.shape != (T * K,):
         raise ValueError(f"combine_residual_: x {tuple(x_RD.shape)}, rows {tuple(rows_T.shape)}, answers "
                          f"{tuple(y_ND.shape)}, order {tuple(order_N.shape)}, weights {tuple(weights_TK.shape)}")
-    if x_RD.stride(1) != 1 or y_ND.stride(1) != 1 or (shared_TD is not None and shared_TD.stride(1) != 1):
-        raise ValueError("combine_residual_: rows must be contiguous")
+    if x_RD.stride(1) != 1:
+        raise ValueError("combine_residual_: x is updated in place, so its rows must be contiguous")
+    if y_ND.stride(1) != 1:
+        y_ND = y_ND.contiguous()
+    if shared_TD is not None and shared_TD.stride(1) != 1:
+        shared_TD = shared_TD.contiguous()
     if not T:
         return x_RD
     src_N = torch.empty_like(order_N)           # the answer row of each (token, slot)
