@@ -29,20 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import RESULTS, card_slug, environment, md_table, write_results  # noqa: E402
 from gpu_end_to_end import slice_config  # noqa: E402
-from moe_mpi.model.transformer import Batch, to_device  # noqa: E402
+from moe_mpi.model.transformer import Batch, drive, to_device  # noqa: E402
 from moe_mpi.model.weights import build_front  # noqa: E402
 
 
-def run_front(front, batch) -> None:
+def run_front(front, batch) -> torch.Tensor:
     """One micro-batch through the front, each expert request answered with its own rows, then the
     head's log-probabilities (what a front computes for a micro-batch, without writing them)."""
-    gen = front.forward_steps(batch)
-    try:
-        req = next(gen)
-        while True:
-            req = gen.send(req.x_ND)
-    except StopIteration as stop:
-        front.logprobs(stop.value.hidden_BSD, batch)
+    res = drive(front.forward_steps(batch), lambda req: req.x_ND)
+    return front.logprobs(res.hidden_BSD, batch)
 
 
 def main() -> int:

@@ -187,13 +187,7 @@ def main() -> int:
         lp = {}
         for setting in ("0", "1"):
             os.environ["MOE_MPI_TRITON"] = setting
-            gen = front.forward_steps(batch)
-            try:
-                req = next(gen)
-                while True:
-                    req = gen.send(req.x_ND)
-            except StopIteration as stop:
-                lp[setting] = front.logprobs(stop.value.hidden_BSD, batch)[0, 1:].double()
+            lp[setting] = run_front(front, batch)[0, 1:].double()
         os.environ["MOE_MPI_TRITON"] = "1"
     whole = []
     for setting, name in (("0", "torch (MOE_MPI_TRITON=0)"), ("1", "Triton kernels (default)")):
