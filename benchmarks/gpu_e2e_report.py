@@ -16,10 +16,13 @@ def why(res: dict) -> list[str]:
     mb_tokens = res["micro_batch_tokens"]
     n_mb = one["tokens"] / mb_tokens
     t1 = 1e3 * one["elapsed_s"] / n_mb
+    need = 0.6 * r["gpus"] / one["mfu"]
+    reach = ("more than the number of GPUs: the one-process MFU is below 0.60" if need > r["gpus"] else
+             f"against {r.get('speedup', 0):.2f}x measured: every GPU would have to work at the one-process "
+             f"run's rate {need / r['gpus']:.0%} of the time")
     out = [f"Why ({best}): one process takes {t1:.1f} ms per micro-batch of {mb_tokens} tokens (all layers and "
            f"experts, MFU {one['mfu']:.3f}). End-to-end MFU = speed-up x one-process MFU / GPUs, so MFU 0.60 on "
-           f"{r['gpus']} GPUs needs a speed-up of {0.6 * r['gpus'] / one['mfu']:.2f}x, more than the GPUs' "
-           f"count unless the one-process MFU itself exceeds 0.60."]
+           f"{r['gpus']} GPUs needs a speed-up of {need:.2f}x, {reach}."]
     cats = r.get("trace_seconds_by_category") or {}
     fronts = {k: v for k, v in cats.items() if k.startswith("front")}
     if fronts:
