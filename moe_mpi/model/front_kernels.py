@@ -16,8 +16,9 @@ memory (``benchmarks/results/gpu_front_kernels_*.md`` times each against the tor
   concatenations per tensor).
 
 Every product and sum that torch rounds is an explicitly rounded ``mul_rn`` / ``add_rn`` / ``sub_rn``:
-Triton fuses a plain ``a * b + c`` into an FMA, and around round trips through bf16 a quarter of the
-outputs of ``a * b - c * d`` then differed from torch's on an H200.  ``kernels.enabled(x)`` says
+written with plain ``*``, ``+`` and ``-`` (even with each product cast to bf16 and back), a quarter of
+the outputs of ``round(a * c) - round(b * s)`` differed from torch's by an ulp on an H200, and a few
+of the combine's ``acc += y * w`` (an FMA candidate).  ``kernels.enabled(x)`` says
 whether these run for ``x``, as for the MLP kernels.
 """
 from __future__ import annotations
