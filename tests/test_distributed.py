@@ -168,3 +168,34 @@ def test_recorder_counts_transport_passes_and_garbage_collections():
     collections = [e for e in rec.events if e["cat"] == "gc"]
     assert "gc gen2" in [e["name"] for e in collections] and rec.gc_s > 0
     assert rec.summary()["gc_s"] == rec.gc_s and rec.summary()["progress_s"] == rec.progress_s
+
+
+def test_transport_pass_stops_each_ordered_queue_at_its_first_live_message():
+    """A pass over live messages tests an ordered queue (one NCCL direction group) only up to its first
+    message not done, and later ones on that queue when it has moved on; messages without an order
+    are all tested on every pass; none is dropped."""
+    import torch
+
+    from moe_mpi.parallel.ops import Op, OpTransport
+
+    class Fake(Op):
+        def __init__(self, order, ready):
+            self.order, self.ready, self.tests = order, ready, 0
+
+        def progress(self) -> bool:
+            self.tests += 1
+            return self.ready
+
+    tr = OpTransport({}, 1, 4, torch.float32, torch.device("cpu"))
+    a = [Fake(("recv", 1, 2), False), Fake(("recv", 1, 2), True), Fake(("recv", 1, 2), True)]
+    b = [Fake(("send", 1, 2), True), Fake(("send", 1, 2), False)]
+    free = [Fake(None, False), Fake(None, True)]
+    tr.live = [a[0], b[0], free[0], a[1], b[1], free[1], a[2]]
+    tr._pass()
+    assert [op.tests for op in a] == [1, 0, 0]            # stopped at the first of its queue
+    assert [op.tests for op in b] == [1, 1] and [op.tests for op in free] == [1, 1]
+    assert tr.live == [a[0], free[0], a[1], b[1], a[2]]
+    a[0].ready = True
+    tr._pass()
+    assert [op.done for op in a] == [True, True, True] and [op.tests for op in a] == [2, 1, 1]
+    assert tr.live == [free[0], b[1]]
