@@ -1,5 +1,6 @@
 """A front's Triton kernels against plain torch, side by side in one run: each fused piece at paper
-width, and a whole front micro-batch with the kernels on and off.
+width, and a whole front micro-batch with the kernels on and off.  Each torch side is the code the
+runtime runs with ``MOE_MPI_TRITON=0``.
 
     python benchmarks/gpu_front_kernels.py            # paper-width slice, bf16, first visible GPU
     python benchmarks/gpu_front_kernels.py --small    # tiny preset (a check of the script)
@@ -7,12 +8,12 @@ width, and a whole front micro-batch with the kernels on and off.
 * Head: log p of each row's next token from 1024 rows of bf16 logits over the paper's vocabulary:
   torch's ``log_softmax(logits.float()).gather`` against ``front_kernels.token_logprobs``, both checked
   against log-softmax in fp64 of the same logits.
-* RMSNorm of 2048 x 7168 bf16 rows: transformers' formula in torch against ``front_kernels.rms_norm``: the
+* RMSNorm of 2048 x 7168 bf16 rows: ``layers.rms_norm`` against ``front_kernels.rms_norm``: the
   fraction of outputs with the same bits, and the largest difference in units of the last place.
-* A MoE layer's combine of 2048 tokens (both paths copy the residual first; the runtime's kernel
-  updates it in place): ``routing.combine``, the shared experts' add and the residual's
-  ``index_copy_`` against ``front_kernels.combine_residual_``.
-* MLA's queries of 2048 tokens: ``layers.apply_rope`` and ``torch.cat`` against ``front_kernels.rope_cat``.
+* A MoE layer's combine of 2048 tokens with the shared experts' and the residual's adds (both paths
+  copy the residual first; the runtime's kernel updates it in place): ``routing.combine_residual``
+  against ``front_kernels.combine_residual_``.
+* MLA's queries of 2048 tokens: ``layers.rope_cat`` against ``front_kernels.rope_cat``.
 * A front micro-batch (``gpu_front_host.run_front``: the slice's front for 2048 tokens, experts
   answered by a stub, then the head): GPU time back to back and host time to queue it, with
   ``MOE_MPI_TRITON=0`` (torch for every kernel, the baseline) and on, alternated over several rounds.
@@ -38,17 +39,14 @@ from gpu_common import RESULTS, card_slug, environment, md_table, time_ms, write
 from gpu_end_to_end import slice_config  # noqa: E402
 from gpu_front_host import run_front  # noqa: E402
 from moe_mpi.model import front_kernels, kernels  # noqa: E402
+from moe_mpi.model.layers import rms_norm, rope_cat  # noqa: E402
+from moe_mpi.model.routing import combine_residual, plan_dispatch  # noqa: E402
 from moe_mpi.model.transformer import Batch, to_device  # noqa: E402
 from moe_mpi.model.weights import build_front  # noqa: E402
 
 
 def torch_logprobs(logits, targets):
     return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-
-
-def torch_rms_norm(x, w, eps):
-    x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -78,11 +76,11 @@ def norm(dev, rows: int, hidden: int) -> list[dict]:
     g = torch.Generator(device=dev).manual_seed(1)
     x = torch.randn(rows, hidden, device=dev, generator=g, dtype=torch.bfloat16)
     w = (1 + 0.1 * torch.randn(hidden, device=dev, generator=g)).bfloat16()
-    want = torch_rms_norm(x, w, 1e-6)
+    want = rms_norm(x, w, 1e-6)
     got = front_kernels.rms_norm(x, w, 1e-6)
     same, far = float((got == want).float().mean()), ulps(got, want)
     out = []
-    for name, fn in (("torch: transformers' formula", torch_rms_norm), ("Triton: front_kernels.rms_norm", front_kernels.rms_norm)):
+    for name, fn in (("torch: layers.rms_norm", rms_norm), ("Triton: front_kernels.rms_norm", front_kernels.rms_norm)):
         ms = statistics.median(time_ms(lambda: fn(x, w, 1e-6), dev, warmup=3, iters=20))
         out.append({"piece": "rms_norm", "how": name, "ms": ms, "same_bits": same if "Triton" in name else 1.0,
                     "max_ulps": far if "Triton" in name else 0})
@@ -91,7 +89,6 @@ def norm(dev, rows: int, hidden: int) -> list[dict]:
 
 def moe_combine(dev, tokens: int, hidden: int, top_k: int, n_experts: int) -> list[dict]:
     """A MoE layer's combine, shared experts' add and residual add, as the front runs them."""
-    from moe_mpi.model.routing import combine, plan_dispatch
     g = torch.Generator(device=dev).manual_seed(2)
     x = torch.randn(tokens, hidden, device=dev, generator=g, dtype=torch.bfloat16)
     rows = torch.arange(tokens, device=dev)
@@ -102,10 +99,7 @@ def moe_combine(dev, tokens: int, hidden: int, top_k: int, n_experts: int) -> li
     shared = torch.randn(tokens, hidden, device=dev, generator=g, dtype=torch.bfloat16)
 
     def torch_path():
-        moe = combine(y, plan, w).to(x.dtype) + shared
-        out = x.clone()
-        out.index_copy_(0, rows, out.index_select(0, rows) + moe)
-        return out
+        return combine_residual(x, rows, y, plan, w, shared)
 
     def triton_path():
         return front_kernels.combine_residual_(x.clone(), rows, y, plan.order_N, w, shared)
@@ -113,20 +107,18 @@ def moe_combine(dev, tokens: int, hidden: int, top_k: int, n_experts: int) -> li
     same = float((torch_path() == triton_path()).float().mean())
     return [{"piece": f"MoE combine + residual (top-{top_k})", "how": name, "ms": statistics.median(
                 time_ms(fn, dev, warmup=3, iters=20)), "same_bits": 1.0 if fn is torch_path else same}
-            for name, fn in (("torch: combine(), adds, index_copy_", torch_path),
+            for name, fn in (("torch: routing.combine_residual", torch_path),
                              ("Triton: front_kernels.combine_residual_", triton_path))]
 
 
 def qk_build(dev, tokens: int, heads: int, nope: int, rope: int, interleave: bool) -> list[dict]:
     """MLA's queries of one micro-batch: the rotary part rotated and joined to the rest, per head."""
-    from moe_mpi.model.layers import apply_rope
     g = torch.Generator(device=dev).manual_seed(3)
     q = torch.randn(1, tokens, heads, nope + rope, device=dev, generator=g, dtype=torch.bfloat16)
     cos, sin = (2 * torch.rand(tokens, rope // 2, device=dev, generator=g) - 1 for _ in range(2))
 
     def torch_path():
-        qt = q.transpose(1, 2)
-        return torch.cat([qt[..., :nope], apply_rope(qt[..., nope:], cos, sin, interleave)], dim=-1)
+        return rope_cat(q[..., :nope], q[..., nope:], cos, sin, interleave)
 
     def triton_path():
         return front_kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, interleave)
@@ -135,7 +127,7 @@ def qk_build(dev, tokens: int, heads: int, nope: int, rope: int, interleave: boo
     return [{"piece": f"MLA queries: rotary + concatenation ({heads} heads)", "how": name,
              "ms": statistics.median(time_ms(fn, dev, warmup=3, iters=20)),
              "same_bits": 1.0 if fn is torch_path else same}
-            for name, fn in (("torch: apply_rope, cat", torch_path), ("Triton: front_kernels.rope_cat", triton_path))]
+            for name, fn in (("torch: layers.rope_cat", torch_path), ("Triton: front_kernels.rope_cat", triton_path))]
 
 
 def front_round(front, batch, dev, iters: int) -> tuple[float, float]:

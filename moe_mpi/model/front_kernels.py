@@ -18,8 +18,8 @@ memory (``benchmarks/results/gpu_front_kernels_*.md`` times each against the tor
 Every product and sum that torch rounds is an explicitly rounded ``mul_rn`` / ``add_rn`` / ``sub_rn``:
 written with plain ``*``, ``+`` and ``-`` (even with each product cast to bf16 and back), a quarter of
 the outputs of ``round(a * c) - round(b * s)`` differed from torch's by an ulp on an H200, and a few
-of the combine's ``acc += y * w`` (an FMA candidate).  ``kernels.enabled(x)`` says
-whether these run for ``x``, as for the MLP kernels.
+of the combine's ``acc += y * w`` (an FMA candidate).  ``kernels.enabled(x)`` says whether these run
+for ``x``, as for the MLP kernels; ``layers`` and ``routing`` hold the torch code each replaces.
 """
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ if triton is not None:
         row = tl.load(rows_ptr + t)
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(x_ptr + row * stride_x + offs, libdevice.add_rn(x, moe).to(ty), mask=ok)
+
     @triton.jit
     def _rope_cat_kernel(nope_ptr, rot_ptr, cos_ptr, sin_ptr, out_ptr, S, H,
                          n_sb, n_ss, n_sh, r_sb, r_ss, r_sh,

@@ -25,10 +25,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.enabled(x) and self.weight.dtype == x.dtype:     # CUDA: one Triton kernel
             return front_kernels.rms_norm(x, self.weight, self.eps)
-        # Statistics in fp32, then back to the activation dtype before the weight, as transformers does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in torch: statistics in fp32, then back to the activation dtype before the weight, as
+    transformers does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -141,38 +146,33 @@ class MLA(nn.Module):
             q = self.q_proj(x_BSD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
-        if kernels.enabled(x_BSD):      # CUDA: each of q and k built in one kernel, torch's bits
-            return self._attend_fused(x_BSD, q, cos, sin)
-        q = q.view(B, S, H, nope + rope).transpose(1, 2)                      # (B, H, S, nope+rope)
-        q_nope, q_rot = q.split([nope, rope], dim=-1)
-
         kv_a = self.kv_a_proj_with_mqa(x_BSD)
         kv_latent, k_rot = kv_a.split([cfg.kv_lora_rank, rope], dim=-1)     # (B, S, kv_lora), (B, S, rope)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent))
-        kv = kv.view(B, S, H, nope + dv).transpose(1, 2)                      # (B, H, S, nope+dv)
-        k_nope, v = kv.split([nope, dv], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, S, H, nope + dv)
 
-        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)
-        k_rot = apply_rope(k_rot[:, None], cos, sin, cfg.rope_interleave)    # (B, 1, S, rope): shared by heads
-
-        q = torch.cat([q_nope, q_rot], dim=-1)                                # (B, H, S, qk)
-        k = torch.cat([k_nope, k_rot.expand(B, H, S, rope)], dim=-1)          # (B, H, S, qk)
+        q = q.view(B, S, H, nope + rope)
+        q = self._rope_cat(q[..., :nope], q[..., nope:], cos, sin)            # (B, H, S, qk)
+        k = self._rope_cat(kv[..., :nope], k_rot[:, :, None, :], cos, sin)    # rotary part shared by heads
+        v = kv[..., nope:].transpose(1, 2)                                    # (B, H, S, dv)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
         out = out.transpose(1, 2).reshape(B, S, H * dv)                       # (B, S, H*dv)
         return self.o_proj(out)
 
-    def _attend_fused(self, x_BSD: torch.Tensor, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """forward() from the queries on, with ``front_kernels.rope_cat`` building q and k."""
-        cfg = self.cfg
-        B, S, _ = x_BSD.shape
-        H, nope, rope, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q = q.view(B, S, H, nope + rope)
-        kv_a = self.kv_a_proj_with_mqa(x_BSD)
-        kv_latent, k_rot = kv_a.split([cfg.kv_lora_rank, rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).view(B, S, H, nope + dv)
-        q = front_kernels.rope_cat(q[..., :nope], q[..., nope:], cos, sin, cfg.rope_interleave)
-        k = front_kernels.rope_cat(kv[..., :nope], k_rot[:, :, None, :].expand(B, S, H, rope), cos, sin,
-                             cfg.rope_interleave)
-        v = kv[..., nope:].transpose(1, 2)                                    # (B, H, S, dv)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=cfg.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, H * dv))
+    def _rope_cat(self, nope_BSHn: torch.Tensor, rot_BSHr: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        """``rope_cat``; on CUDA one kernel with the same bits (``front_kernels.rope_cat``)."""
+        if kernels.enabled(nope_BSHn):
+            B, S, H, _ = nope_BSHn.shape
+            return front_kernels.rope_cat(nope_BSHn, rot_BSHr.expand(B, S, H, rot_BSHr.shape[-1]), cos, sin,
+                                          self.cfg.rope_interleave)
+        return rope_cat(nope_BSHn, rot_BSHr, cos, sin, self.cfg.rope_interleave)
+
+
+def rope_cat(nope_BSHn: torch.Tensor, rot_BSHr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             interleave: bool) -> torch.Tensor:
+    """cat([nope, apply_rope(rot)]) per head, as (B, H, S, n + r) for attention; ``rot`` has H heads or
+    one for all (rotated once, then repeated)."""
+    B, S, H, _ = nope_BSHn.shape
+    r = rot_BSHr.shape[-1]
+    rot = apply_rope(rot_BSHr.transpose(1, 2), cos, sin, interleave)          # (B, H or 1, S, r)
+    return torch.cat([nope_BSHn.transpose(1, 2), rot.expand(B, H, S, r)], dim=-1)

@@ -125,3 +125,15 @@ def combine(y_ND: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tensor) ->
     slots_ND[plan.order_N] = y_ND
     y_TKD = slots_ND.view(T, K, D).float()                                 # (T, K, D)
     return (y_TKD * weights_TK[..., None].float()).sum(dim=1)
+
+
+def combine_residual(x_RD: torch.Tensor, rows_T: torch.Tensor, y_ND: torch.Tensor, plan: DispatchPlan,
+                     weights_TK: torch.Tensor, shared_TD: torch.Tensor | None = None) -> torch.Tensor:
+    """x with x[rows[t]] += combine(...)[t] rounded to x's dtype (+ shared[t]), out of place: a MoE
+    layer's output added to the residual at the routed rows (without a boolean mask)."""
+    moe_TD = combine(y_ND, plan, weights_TK).to(x_RD.dtype)
+    if shared_TD is not None:
+        moe_TD = moe_TD + shared_TD
+    out = x_RD.clone()
+    out.index_copy_(0, rows_T, out.index_select(0, rows_T) + moe_TD)
+    return out

@@ -22,7 +22,7 @@ from torch import nn
 from ..config import ModelConfig
 from . import front_kernels, kernels
 from .layers import MLA, MLP, RMSNorm, rope_frequencies, rope_tables
-from .routing import DispatchPlan, Router, combine, permute, plan_dispatch
+from .routing import DispatchPlan, Router, combine_residual, permute, plan_dispatch
 
 
 def to_device(a, device: torch.device) -> torch.Tensor:
@@ -164,18 +164,14 @@ class FrontModel(nn.Module):
             x_ND = permute(h_TD, plan)
             plan.record()
             y_ND = yield ExpertRequest(cfg.moe_index(i), x_ND, plan)
-            shared = layer.mlp.shared_experts
+            shared_TD = None if layer.mlp.shared_experts is None else layer.mlp.shared_experts(h_TD)
             if kernels.enabled(y_ND) and x_BSD.is_contiguous():    # CUDA: one kernel, in place
                 # x_BSD is this generator's own (the sum above), so it may be updated in place
                 front_kernels.combine_residual_(x_BSD.view(B * S, D), valid_T, y_ND, plan.order_N, weights_TK,
-                                          None if shared is None else shared(h_TD))
+                                                shared_TD)
             else:
-                moe_TD = combine(y_ND, plan, weights_TK).to(x_BSD.dtype)
-                if shared is not None:
-                    moe_TD = moe_TD + shared(h_TD)
-                x_TD = x_BSD.reshape(B * S, D).clone()    # x[valid] += moe, without a boolean mask
-                x_TD.index_copy_(0, valid_T, x_TD.index_select(0, valid_T) + moe_TD)
-                x_BSD = x_TD.view(B, S, D)
+                x_BSD = combine_residual(x_BSD.reshape(B * S, D), valid_T, y_ND, plan, weights_TK,
+                                         shared_TD).view(B, S, D)
             ids_per_layer.append(ids_TK)
             load_per_layer.append(plan.counts_E)
 

@@ -20,8 +20,10 @@ log = logging.getLogger("moe_mpi")
 class Op:
     """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
     message is sent, or received and its device copy enqueued; ``what`` names the peer for reports.
-    Operations with the same ``order`` key (not None) complete in the order they were posted, and their
-    ``progress()`` only tests, so a pass stops at the first of them not done yet."""
+    Operations with the same ``order`` key (not None) complete in the order they were made, and their
+    ``progress()`` only tests, so a pass stops at the first of them not done yet.  (Where the order
+    they reach the network differs, as when a front dispatches micro-batches out of step order, one
+    that is done waits to be taken up until the one made before it is.)"""
     what: str = ""
     done: bool = False
     order: tuple | None = None

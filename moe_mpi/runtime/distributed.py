@@ -319,9 +319,8 @@ def run_front(ctx: Context, writer: Writer | None) -> None:
 def run_expert(ctx: Context) -> None:
     role, plan, lengths = ctx.role, ctx.plan, ctx.prep.spec.lengths
     mlp = build_expert(ctx.cfg, role.layer, role.expert, **ctx.weights_kw())
-    n = warm_up_size(ctx.prep, ctx.opts, ctx.cfg)      # every front's rows at balanced routing
-    typical = n * ctx.cfg.num_experts_per_tok * ctx.layout.n_fronts // max(1, ctx.cfg.n_routed_experts)
-    warm_up_expert(mlp, ctx.cfg, ctx.opts.torch_dtype, ctx.device, typical)
+    warm_up_expert(mlp, ctx.cfg, ctx.opts.torch_dtype, ctx.device, tokens=warm_up_size(ctx.prep, ctx.opts, ctx.cfg),
+                   fronts=ctx.layout.n_fronts)
     steps, depth = plan.steps, max(2, ctx.opts.in_flight)
     receives: dict = {}
     replies: deque = deque()

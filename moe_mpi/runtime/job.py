@@ -239,10 +239,12 @@ def warm_up_front(front: FrontModel, cfg: ModelConfig, mode: str, device: torch.
         torch.cuda.synchronize(device)
 
 
-def warm_up_expert(mlp, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, typical: int = 0) -> None:
+def warm_up_expert(mlp, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tokens: int = 0,
+                   fronts: int = 1) -> None:
     """The expert's MLP on made-up rows of each size class its kernels specialise on (one row, a few, a
-    multiple of 16, and the first size past the fused kernel), and ``typical`` rows (what a step brings
-    with balanced routing), before the clock starts."""
+    multiple of 16, and the first size past the fused kernel), and on the rows a step brings with
+    balanced routing when each of ``fronts`` fronts sends ``tokens`` tokens, before the clock starts."""
+    typical = tokens * cfg.num_experts_per_tok * fronts // max(1, cfg.n_routed_experts)
     with torch.inference_mode():
         for rows in sorted({1, 2, FUSED_MAX_TOKENS, FUSED_MAX_TOKENS + 1, max(1, typical)}):
             mlp(torch.ones(rows, cfg.hidden_size, device=device, dtype=dtype))

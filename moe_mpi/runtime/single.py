@@ -28,8 +28,7 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
         n = warm_up_size(prep, opts, cfg)
         warm_up_front(front, cfg, prep.spec.mode, device, n)    # before the clock, as the distributed run
         if experts.experts and experts.experts[0]:              # one expert: the kernels are per process
-            typical = n * cfg.num_experts_per_tok // max(1, cfg.n_routed_experts)
-            warm_up_expert(experts.experts[0][0], cfg, opts.torch_dtype, device, typical)
+            warm_up_expert(experts.experts[0][0], cfg, opts.torch_dtype, device, tokens=n)
         plan = prep.plan(1, opts.micro_batch_tokens)
         reader = InputReader(prep.spec)
         n_tokens = prep.tokens_in(plan)
