@@ -9,10 +9,12 @@ plus its input and output (2 T D words).  Roofline time = max(flops / measured m
 bytes / measured device copy bandwidth); the fraction reported is roofline time / measured time.  The
 peak is measured under sustained load, as every size is timed (``gpu_common.time_sustained``): the card
 lowers its clocks under steady load; the burst peak and the fraction against it are reported too.
-Variants: ``runtime`` is exactly what an expert rank runs (``moe_mpi.model.layers.MLP``, which uses
-``moe_mpi.model.kernels`` on CUDA); ``torch`` the plain torch expert; ``graph`` replays the runtime as
-a CUDA graph (no launch gaps); ``Triton gate/up`` forces the fused kernel, ``cuBLAS, two streams`` the
-cuBLAS path.  Every configuration of the fused kernel's sweep list is timed at a few small sizes.
+Variants: ``runtime`` is exactly what an expert rank runs (``moe_mpi.model.layers.MLP`` as the weight
+loader builds it, which uses ``moe_mpi.model.kernels`` on CUDA); ``torch`` the plain torch expert;
+``graph`` replays the runtime as a CUDA graph (no launch gaps); the others force one path of
+``kernels.swiglu_mlp`` at every size: the TMA kernels, the pointer-load gate/up kernel, cuBLAS with one
+product over the stacked gate and up weights, cuBLAS with two products on two streams.  Every
+configuration of the TMA kernels' sweep list is timed at a few small sizes.
 Sizes that miss 90% of the roofline get a kernel profile.  Results: benchmarks/results/gpu_expert_mlp_<card>.{md,json}.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,12 +48,18 @@ def variants(mlp, device):
         out["graph"] = "graph"
         if kernels.enabled(torch.empty(1, device=device, dtype=torch.bfloat16)):
             w = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-            out["Triton gate/up"] = lambda x: F.linear(kernels.gate_up_swiglu(x, w[0], w[1]), w[2])
+            both = kernels.stacked(w[0], w[1])
+            if kernels.tma_ok(*w):
+                out["TMA gate/up + down"] = lambda x: kernels.down_tma(kernels.gate_up_swiglu_tma(x, w[0], w[1]), w[2])
+            out["pointer-load gate/up"] = lambda x: F.linear(kernels.gate_up_swiglu(x, w[0], w[1]), w[2])
+            if both is not None:
+                out["cuBLAS, one product"] = lambda x: F.linear(
+                    kernels.silu_mul(*F.linear(x, both).split(w[0].shape[0], dim=1)), w[2])
             out["cuBLAS, two streams"] = lambda x: F.linear(kernels.silu_mul(*kernels.gate_and_up(x, w[0], w[1])), w[2])
     return out
 
 
-TRITON_MAX = 512    # the largest size the forced Triton gate/up variant is timed at
+MAX_TOKENS = {"TMA gate/up + down": 128, "pointer-load gate/up": 512}   # the largest size a forced variant runs
 
 
 def graphed(fn, x):
@@ -96,22 +105,33 @@ def profile(fn, device, iters: int = 5) -> list[dict]:
     return rows[:8]
 
 
-def skinny_sweep(mlp, device, sizes, D: int) -> list[dict]:
-    """Every configuration of the fused gate/up kernel's sweep list that fits, at a few sizes."""
-    rows = []
-    wg, wu = mlp.gate_proj.weight, mlp.up_proj.weight
-    nbytes = 2 * wg.numel() * wg.element_size()
-    def key(cfg):
-        return str(dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+def host_us(fn, device, n: int = 50) -> float:
+    """Microseconds the host takes to issue one call of ``fn`` (the GPU runs behind and is not waited for)."""
+    fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    per_call = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize(device)
+    return 1e6 * per_call
 
+
+def tma_sweep(mlp, device, sizes, D: int) -> list[dict]:
+    """Every configuration of the TMA kernels' sweep list, gate/up and down, at a few sizes (burst timings)."""
+    rows = []
+    wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     for T in sizes:
         x = torch.randn(T, D, device=device, dtype=wg.dtype)
-        mine = next(c for limit, c in kernels.CONFIGS if T <= limit)
-        configs = {key(c): c for c in kernels.fitting(kernels.SWEEP_CONFIGS + [mine], T)}
-        for name, cfg in configs.items():
-            ms = median(time_ms(lambda: kernels.gate_up_swiglu(x, wg, wu, config=cfg), device, warmup=3, iters=20))
-            rows.append({"tokens": T, "config": name, "us": 1e3 * ms, "gbps": nbytes / (ms * 1e-3) / 1e9,
-                         "runtime's": name == key(mine)})
+        h = kernels.gate_up_swiglu_tma(x, wg, wu)
+        for kernel, fn, mine, nbytes in (
+                ("gate/up", lambda c: kernels.gate_up_swiglu_tma(x, wg, wu, config=c), kernels.TMA_GATE_UP,
+                 2 * wg.numel() * wg.element_size()),
+                ("down", lambda c: kernels.down_tma(h, wd, config=c), kernels.TMA_DOWN, wd.numel() * wd.element_size())):
+            for cfg in dict.fromkeys(kernels.tma_fitting(kernel, T) + [mine]):
+                ms = median(time_ms(lambda: fn(cfg), device, warmup=3, iters=20))
+                rows.append({"tokens": T, "kernel": kernel, "config": str(cfg), "us": 1e3 * ms,
+                             "gbps": nbytes / (ms * 1e-3) / 1e9, "runtime's": cfg == mine})
     return rows
 
 
@@ -160,13 +180,14 @@ def main() -> int:
                 replay = graphed(lambda inp: y.copy_(mlp(inp)), x)
                 replay()
                 got = y
-            elif name == "Triton gate/up" and T > TRITON_MAX:
+            elif T > MAX_TOKENS.get(name, T):
                 continue
             else:
                 got = fn(x)
             checks[f"{name} T={T}"] = rel_error(got, ref)
-    if "Triton gate/up" in impls:
-        # the fused kernel alone, odd sizes, output poisoned first; silu_mul bit for bit against torch
+    if "pointer-load gate/up" in impls:
+        # the gate/up kernels alone, odd sizes, output poisoned first; silu_mul (on the two halves of
+        # one product's output, as the runtime calls it) bit for bit against torch
         for T in (1, 7, 100, 300):
             x = torch.randn(T, D, device=device, dtype=dtype)
             xf = x.float()
@@ -174,8 +195,13 @@ def main() -> int:
             out = torch.full((T, Fh), float("nan"), device=device, dtype=dtype)
             kernels.gate_up_swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, out=out)
             checks[f"gate_up_swiglu T={T}"] = rel_error(out, ref) if torch.isfinite(out).all() else float("inf")
-        g = 4 * torch.randn(4096, Fh, device=device, dtype=dtype)
-        u = torch.randn(4096, Fh, device=device, dtype=dtype)
+            if "TMA gate/up + down" in impls and T <= 128:
+                checks[f"gate_up_swiglu_tma T={T}"] = rel_error(
+                    kernels.gate_up_swiglu_tma(x, mlp.gate_proj.weight, mlp.up_proj.weight), ref)
+                checks[f"down_tma T={T}"] = rel_error(kernels.down_tma(ref.to(dtype), mlp.down_proj.weight),
+                                                      ref.to(dtype).float() @ w["down_proj"].t())
+        y = 4 * torch.randn(4096, 2 * Fh, device=device, dtype=dtype)
+        g, u = y[:, :Fh], y[:, Fh:]
         checks["silu_mul elements differing from torch"] = float((kernels.silu_mul(g, u) != F.silu(g) * u).sum())
     checks_ok = all(e < 2e-2 for k, e in checks.items() if "differing" not in k) and \
         checks.get("silu_mul elements differing from torch", 0) == 0
@@ -190,7 +216,7 @@ def main() -> int:
         roof_ms = max(flops / (peak["tflops"] * 1e12), nbytes / (copy["gbps"] * 1e9)) * 1e3
         burst_ms = max(flops / (burst["tflops"] * 1e12), nbytes / (copy["gbps"] * 1e9)) * 1e3
         for name, fn in impls.items():
-            if name == "Triton gate/up" and T > TRITON_MAX:
+            if T > MAX_TOKENS.get(name, T):
                 continue
             if fn == "graph":
                 y = torch.empty(T, D, device=device, dtype=dtype)
@@ -198,7 +224,9 @@ def main() -> int:
             else:
                 call = (lambda f=fn: f(x))
             ms = median(time_sustained(call, device, warm_s=warm_s, run_s=run_s))
-            rows.append({"tokens": T, "variant": name, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12,
+            issue = host_us(call, device) if device.type == "cuda" and name in ("runtime", "graph") else None
+            clocks = gpu_clocks(device) if name == "runtime" else None     # just after the size's timed calls
+            rows.append({"tokens": T, "variant": name, "ms": ms, "host_us": issue, "clocks": clocks, "tflops": flops / (ms * 1e-3) / 1e12,
                          "gbps": nbytes / (ms * 1e-3) / 1e9, "roofline_ms": roof_ms, "fraction": roof_ms / ms,
                          "fraction_burst": burst_ms / ms,
                          "bound": "compute" if flops / (peak["tflops"] * 1e12) > nbytes / (copy["gbps"] * 1e9)
@@ -210,27 +238,29 @@ def main() -> int:
     after = gpu_clocks(device)
 
     sweep = []
-    if "Triton gate/up" in impls:
-        sweep = skinny_sweep(mlp, device, [T for T in (1, 16, 32, 64, 128) if T <= sizes[-1]], D)
-        for T in sorted({r["tokens"] for r in sweep}):
-            best = min((r for r in sweep if r["tokens"] == T), key=lambda r: r["us"])
-            mine = next(r for r in sweep if r["tokens"] == T and r["runtime's"])
-            print(f"fused gate/up T={T}: best {best['config']} {best['us']:.1f} us; the runtime's "
+    if "TMA gate/up + down" in impls:
+        sweep = tma_sweep(mlp, device, [T for T in (1, 16, 32, 64, 128) if T <= sizes[-1]], D)
+        for T, kernel in sorted({(r["tokens"], r["kernel"]) for r in sweep}):
+            mine_rows = [r for r in sweep if r["tokens"] == T and r["kernel"] == kernel]
+            best = min(mine_rows, key=lambda r: r["us"])
+            mine = next(r for r in mine_rows if r["runtime's"])
+            print(f"TMA {kernel} T={T}: best {best['config']} {best['us']:.1f} us; the runtime's "
                   f"{mine['us']:.1f} us", flush=True)
 
     profiles = {}
     if device.type == "cuda":
         for T in sizes:
             run = next(r for r in rows if r["tokens"] == T and r["variant"] == "runtime")
-            if run["fraction"] < 0.9 and (T in (1, 16, 128, 256, 512, 1024, 4096, 16384)):
+            if run["fraction"] < 0.9:
                 x = torch.randn(T, D, device=device, dtype=dtype)
                 profiles[T] = profile(lambda: mlp(x), device)
 
     data = {"environment": environment(device), "config": {"hidden": D, "intermediate": Fh}, "peak": peak,
             "burst_peak": burst, "copy": copy, "clocks_after": after,
             "timing": {"warm_s": warm_s, "run_s": run_s, "peak_warm_s": 0.05 if args.small else 0.5},
-            "fused_max_tokens": kernels.FUSED_MAX_TOKENS, "rows": rows, "checks": checks, "checks_ok": checks_ok,
-            "skinny_sweep": sweep, "profiles": profiles}
+            "fused_max_tokens": kernels.FUSED_MAX_TOKENS, "tma_max_tokens": kernels.TMA_MAX_TOKENS,
+            "tma_down_max_tokens": kernels.TMA_DOWN_MAX_TOKENS, "rows": rows, "checks": checks,
+            "checks_ok": checks_ok, "tma_sweep": sweep, "profiles": profiles}
     data["target_met"] = all(r["fraction"] >= 0.9 for r in rows if r["variant"] == "runtime")
     stem = f"gpu_expert_mlp_{card_slug(device)}" + ("_small" if args.small else "")
     paths = write_results(args.out, stem, render(data), data)
@@ -241,7 +271,8 @@ def main() -> int:
 
 COLUMNS = [("tokens", "tokens", "d"), ("variant", "variant", ""), ("ms", "time (ms)", ".4f"),
            ("tflops", "TFLOP/s", ".1f"), ("gbps", "GB/s", ".0f"), ("roofline_ms", "roofline (ms)", ".4f"),
-           ("fraction", "of roofline", ".2f"), ("fraction_burst", "of burst roofline", ".2f"), ("bound", "bound", "")]
+           ("fraction", "of roofline", ".2f"), ("fraction_burst", "of burst roofline", ".2f"), ("bound", "bound", ""),
+           ("host_us", "host (us a call)", ".0f")]
 
 
 def render(data: dict) -> str:
@@ -267,11 +298,19 @@ def render(data: dict) -> str:
           f"sizes: {data.get('clocks_after')}), so the burst peak is not a rate an expert can keep. 'of burst "
           f"roofline' is the same time against the burst peak. Median of CUDA-event timings.", "",
           "Variants: `runtime` is exactly what an expert rank runs (`moe_mpi.model.layers.MLP`, which on "
-          f"CUDA uses `moe_mpi.model.kernels`: the fused Triton gate/up + SwiGLU kernel up to "
-          f"{data.get('fused_max_tokens', kernels.FUSED_MAX_TOKENS)} tokens, cuBLAS gate and up products on two "
-          "streams above, joined by one Triton silu*mul kernel; the down product in cuBLAS); `torch` is the "
-          "plain torch expert (what runs without Triton); `graph` replays the runtime as a CUDA graph; `Triton "
-          "gate/up` forces the fused kernel; `cuBLAS, two streams` forces the cuBLAS path.", "",
+          "CUDA uses `moe_mpi.model.kernels`: "
+          + (f"on Hopper, the TMA Triton gate/up + SwiGLU kernel up to {data['tma_max_tokens']} tokens and the TMA "
+             f"down kernel up to {data['tma_down_max_tokens']}; above, cuBLAS: one product over the gate and up "
+             "weights stacked, joined by one Triton silu*mul kernel, and cuBLAS's down product); `torch` is the plain "
+             "torch expert (what runs without Triton); `graph` replays the runtime as a CUDA graph; the others force "
+             "one path at every size: `TMA gate/up + down` the TMA kernels, `pointer-load gate/up` the gate/up kernel "
+             "that runs before Hopper, `cuBLAS, one product` and `cuBLAS, two streams` cuBLAS's gate and up as one "
+             "product or as two on two streams." if "tma_max_tokens" in data else
+             f"the fused Triton gate/up + SwiGLU kernel up to {data.get('fused_max_tokens', 16)} tokens, cuBLAS gate "
+             "and up products on two streams above, joined by one Triton silu*mul kernel; the down product in "
+             "cuBLAS); `torch` is the plain torch expert (what runs without Triton); `graph` replays the runtime as "
+             "a CUDA graph; `Triton gate/up` forces the fused kernel; `cuBLAS, two streams` forces the cuBLAS path."),
+          "",
           f"Target: the runtime's expert within 10% of the roofline at every size: "
           f"**{'met' if data['target_met'] else 'missed'}**; worst {100 * worst['fraction']:.1f}% at "
           f"{worst['tokens']} tokens."]
@@ -282,14 +321,31 @@ def render(data: dict) -> str:
                + f", lie between {min(r['tokens'] for r in missed) / ridge:.2g}x and "
                f"{max(r['tokens'] for r in missed) / ridge:.2g}x of it. There a product must stream its weights and "
                "keep the tensor cores busy at once, and the roofline counts only the larger of the two times; "
-               "neither cuBLAS's kernels nor the fused Triton kernel (its sweep is below) overlap the two fully. "
+               "neither cuBLAS's kernels nor the Triton kernels (their sweep is below) overlap the two fully. "
                "Far from the ridge the runtime is within 10%: the weights stream at nearly the copy bandwidth "
                "for a few tokens, the products run at nearly the sustained peak for thousands. The profiles "
-               "below give each kernel's time at the missed sizes."]
+               "below give each kernel's time at the missed sizes (a burst of five calls, so at higher clocks "
+               "than the sustained timing)."]
+        clocked = [r for r in runtime if r.get("clocks")]
+        if clocked:
+            def clock(r):
+                c = r["clocks"]
+                return f"{r['tokens']} tokens: {c['sm_mhz']:.0f} MHz at {c['power_w']:.0f} W"
+            md += ["", "SM clock and power just after each size's timed calls (the card caps its power at 700 W "
+                   "and lowers its clock to stay under it; throttle reasons "
+                   + ", ".join(sorted({r["clocks"].get("throttle", "?") for r in clocked})) + "): "
+                   + "; ".join(clock(r) for r in clocked) + "."]
     md += ["", md_table(rows, COLUMNS), "",
            "Correctness (relative error against fp32, fresh random inputs; silu_mul must match torch bit for "
            "bit): " + ", ".join(f"{k}: {v:.1e}" for k, v in checks.items())
            + (" - ok" if data.get("checks_ok", True) else " - FAILED"), ""]
+    if data.get("tma_sweep"):
+        md += ["## TMA kernels: every configuration of the sweep (burst timings)", "",
+               "Configuration: (BLOCK_F or BLOCK_D, BLOCK_D or BLOCK_K, stages, warps); the token tile is the "
+               "smallest power of two from 16 that holds every token.", "",
+               md_table(data["tma_sweep"], [("tokens", "tokens", "d"), ("kernel", "kernel", ""),
+                                            ("config", "configuration", ""), ("runtime's", "runtime's", ""),
+                                            ("us", "us", ".1f"), ("gbps", "GB/s (its weights)", ".0f")]), ""]
     if data.get("skinny_sweep"):
         md += ["## Fused gate/up kernel: every configuration of the sweep (burst timings)", "",
                md_table(data["skinny_sweep"], [("tokens", "tokens", "d"), ("config", "configuration", ""),

@@ -34,23 +34,76 @@ def test_fused_gate_up_kernel_matches_fp32(T):
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2, cfg
 
 
+needs_tma = pytest.mark.skipif(not torch.cuda.is_available() or not kernels.tma_ok(torch.empty(16, 16, device="cuda")),
+                               reason="needs a Hopper GPU and Triton's TMA descriptors")
+
+
+@needs_tma
+@pytest.mark.parametrize("T", [1, 5, 16, 17, 33, 64, 100, 128])
+def test_tma_kernels_match_fp32(T):
+    """The TMA gate/up + SwiGLU kernel and the TMA down kernel give the fp32 products within bf16 rounding
+    at odd sizes and tile edges (rows past T, columns past F and D are the descriptors' padding), with
+    the runtime's configuration and every other one of the benchmark's sweep that fits."""
+    D, Fh = 320, 200
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    wg = (torch.randn(Fh, D, device="cuda") / D ** 0.5).bfloat16()
+    wu = (torch.randn(Fh, D, device="cuda") / D ** 0.5).bfloat16()
+    wd = (torch.randn(D, Fh, device="cuda") / Fh ** 0.5).bfloat16()
+    ref = torch.nn.functional.silu(x.float() @ wg.float().t()) * (x.float() @ wu.float().t())
+    h = ref.bfloat16()
+    for cfg in [None] + kernels.tma_fitting("gate/up", T):
+        got = kernels.gate_up_swiglu_tma(x, wg, wu, config=cfg)
+        assert got.shape == (T, Fh) and torch.isfinite(got).all(), cfg
+        assert float((got.float() - ref).norm() / ref.norm()) < 1e-2, cfg
+    for cfg in [None] + kernels.tma_fitting("down", T):
+        y = kernels.down_tma(h, wd, config=cfg)
+        want = h.float() @ wd.float().t()
+        assert y.shape == (T, D) and torch.isfinite(y).all(), cfg
+        assert float((y.float() - want).norm() / want.norm()) < 1e-2, cfg
+
+
 def test_silu_mul_kernel_is_bitwise_torch_and_mlp_uses_the_kernels():
-    """silu_mul gives torch's bits; the MLP on CUDA (kernels on) agrees with fp32 within bf16 rounding
-    on both sides of each Triton/cuBLAS switch, for 2-D and 3-D inputs."""
+    """silu_mul gives torch's bits, on contiguous inputs and on the two halves of one product's output;
+    the MLP on CUDA (kernels on), its gate and up weights stacked as the loader leaves them or not, agrees
+    with fp32 within bf16 rounding on both sides of each switch between kernels, for 2-D and 3-D inputs."""
     from moe_mpi.model.layers import MLP
     g = 4 * torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
     u = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(kernels.silu_mul(g, u), torch.nn.functional.silu(g) * u)
-    mlp = MLP(256, 512).to("cuda", torch.bfloat16).requires_grad_(False)
-    w = {k: getattr(mlp, k).weight.float() for k in ("gate_proj", "up_proj", "down_proj")}
-    sizes = [(3, 256), (2, 500, 256), (kernels.FUSED_MAX_TOKENS, 256), (kernels.FUSED_MAX_TOKENS + 1, 256)]
-    for shape in sizes:
-        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-        xf = x.float()
-        want = (torch.nn.functional.silu(xf @ w["gate_proj"].t()) * (xf @ w["up_proj"].t())) @ w["down_proj"].t()
-        got = mlp(x)
-        assert got.shape == x.shape
-        assert float((got.float() - want).norm() / want.norm()) < 1e-2
+    y = 4 * torch.randn(37, 2 * 1000, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(kernels.silu_mul(y[:, :1000], y[:, 1000:]), torch.nn.functional.silu(y[:, :1000]) * y[:, 1000:])
+    edges = {kernels.FUSED_MAX_TOKENS, kernels.TMA_DOWN_MAX_TOKENS, kernels.TMA_MAX_TOKENS}
+    sizes = [(3, 256), (2, 500, 256), (0, 256)] + [(t, 256) for e in sorted(edges) for t in (e, e + 1)]
+    for stack in (False, True):
+        mlp = MLP(256, 512).to("cuda", torch.bfloat16).requires_grad_(False)
+        if stack:
+            before = {k: v.clone() for k, v in mlp.state_dict().items()}
+            mlp.stack_gate_up_()
+            assert kernels.stacked(mlp.gate_proj.weight, mlp.up_proj.weight) is not None
+            assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+        w = {k: getattr(mlp, k).weight.float() for k in ("gate_proj", "up_proj", "down_proj")}
+        for shape in sizes:
+            x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            xf = x.float()
+            want = (torch.nn.functional.silu(xf @ w["gate_proj"].t()) * (xf @ w["up_proj"].t())) @ w["down_proj"].t()
+            got = mlp(x)
+            assert got.shape == x.shape
+            if x.numel():
+                assert float((got.float() - want).norm() / want.norm()) < 1e-2, (stack, shape)
+
+
+def test_loader_stacks_gate_and_up_on_cuda():
+    """Built on CUDA, every MLP (experts, dense layers, shared experts) holds gate and up as the halves
+    of one tensor, with the values a CPU build gives."""
+    from moe_mpi.model.layers import MLP
+    from moe_mpi.model.weights import build_expert, build_front
+    cfg = ModelConfig.load("tiny")
+    cpu = build_expert(cfg, 0, 1, dtype=torch.bfloat16)
+    gpu = build_expert(cfg, 0, 1, dtype=torch.bfloat16, device="cuda")
+    assert kernels.stacked(gpu.gate_proj.weight, gpu.up_proj.weight) is not None
+    assert all(torch.equal(v.cpu(), cpu.state_dict()[k]) for k, v in gpu.state_dict().items())
+    mlps = [m for m in build_front(cfg, dtype=torch.bfloat16, device="cuda").modules() if isinstance(m, MLP)]
+    assert mlps and all(kernels.stacked(m.gate_proj.weight, m.up_proj.weight) is not None for m in mlps)
 
 
 @pytest.mark.parametrize("width,rows", [(512, 300), (1536, 7), (7168, 64), (100, 1)])

@@ -1,27 +1,27 @@
 """SwiGLU MLP kernels for CUDA: Triton where it is importable, cuBLAS and plain torch otherwise.
 
 An expert at paper width (7168 x 18432) streams 793 MB of weights for every batch of tokens it gets.
-For a few tokens that read is the whole cost, and cuBLAS covers it poorly: its gate and up products
-take 96 tiles of 192 columns each, which leaves a third of an H200's 132 multiprocessors idle
-(``benchmarks/results/gpu_expert_mlp_*.md``).  So:
+For a few tokens that read is the whole cost; near the ridge point (about 160 tokens on an H200) the
+products must also keep the tensor cores busy while the weights stream.  What runs, by token count T
+(``swiglu_mlp``; the boundaries come from ``benchmarks/gpu_expert_mlp.py``'s sweeps, results in
+``benchmarks/results/gpu_expert_mlp_*.md``):
 
-* up to ``FUSED_MAX_TOKENS`` tokens, ``gate_up_swiglu``: silu(x w_gate^T) * (x w_up^T) in one Triton
-  kernel, one pass over both weights.  Each program owns a tile of output columns and of tokens, token
-  tiles varying fastest so the programs that read one weight tile run together and share it in L2;
-  hundreds of programs and no split of the reduction.  The SwiGLU runs on the fp32 accumulators and
-  only the result is rounded (torch rounds both products first: results differ by bf16 rounding).
-* above, cuBLAS's products, gate and up on two streams at once (``gate_and_up``: either alone leaves
-  SMs idle), joined by ``silu_mul``: silu(g) * u in one kernel, the same bits as torch's two (five
-  passes over T x F become three).
-* the down product is cuBLAS's at every size: a Triton version (split over the reduction or not) was
-  no faster at any size of the benchmark's sweeps.
+* Hopper, T <= ``TMA_MAX_TOKENS``: ``gate_up_swiglu_tma``, silu(x w_gate^T) * (x w_up^T) in one Triton
+  kernel whose tiles arrive by the tensor memory accelerator (TMA) and whose products are swapped,
+  (weights x tokens): a few tokens are the narrow side of the tensor cores' product, so they do not pad
+  its 64-row side.  The SwiGLU runs on the fp32 accumulators and only the result is rounded (torch
+  rounds both products first: results differ by bf16 rounding).  Up to ``TMA_DOWN_MAX_TOKENS`` the down
+  product is the same kind of kernel (``down_tma``).
+* before Hopper, T <= ``FUSED_MAX_TOKENS``: ``gate_up_swiglu``, the same SwiGLU through pointer loads.
+* above: cuBLAS.  Where the gate and up weights are the two halves of one (2F, D) tensor
+  (``MLP.stack_gate_up_``, which the weight loader does on CUDA), one product over both (one launch
+  with twice the columns fills the card better than two); otherwise the two products on two streams
+  (``gate_and_up``).  Then ``silu_mul``: silu(g) * u in one kernel, the same bits as torch's two.
+* the down product above ``TMA_DOWN_MAX_TOKENS`` is cuBLAS's.
 
-Each token count takes a fixed tile configuration (``CONFIGS``), from the benchmark's sweeps on H100 and
-H200: no autotuning in the runtime, so every run launches the same kernels.
-``swiglu_mlp(x, gate, up, down)`` picks; ``enabled(x)`` says whether the kernels run for ``x``;
-``MOE_MPI_TRITON=0`` turns them off.
-
-The front's kernels (RMSNorm, rotary, combine, log-probabilities) are in ``front_kernels``.
+Each token count takes a fixed tile configuration: no autotuning in the runtime, so every run launches
+the same kernels.  ``enabled(x)`` says whether the kernels run for ``x``; ``MOE_MPI_TRITON=0`` turns
+them off.  The front's kernels (RMSNorm, rotary, combine, log-probabilities) are in ``front_kernels``.
 """
 from __future__ import annotations
 
@@ -36,9 +36,15 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs go without it
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+try:  # host-side TMA descriptors (Triton 3.3 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None
 
-FUSED_MAX_TOKENS = 16       # up to here the fused Triton gate/up beats cuBLAS (measured on H100 and H200)
-SKINNY_MAX_TOKENS = 4096    # what the fused kernel accepts at all
+TMA_MAX_TOKENS = 64         # Hopper: the TMA gate/up kernel up to here, cuBLAS above
+TMA_DOWN_MAX_TOKENS = 64    # Hopper: the TMA down kernel up to here, cuBLAS above
+FUSED_MAX_TOKENS = 16       # before Hopper: the pointer-load gate/up kernel up to here (H100 and H200 sweeps)
+SKINNY_MAX_TOKENS = 4096    # what the pointer-load kernel accepts at all
 SHARED_MEMORY_BYTES = 200 * 1024    # tiles a configuration may stage (Hopper: 227 KB a block)
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -53,11 +59,66 @@ def enabled(x: torch.Tensor) -> bool:
 def swiglu_mlp(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,
                w_down_DF: torch.Tensor) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) for (T, D) ``x`` on CUDA."""
-    if x_TD.shape[0] <= FUSED_MAX_TOKENS:
+    T = x_TD.shape[0]
+    if T == 0:
+        return x_TD.new_empty(0, w_down_DF.shape[0])
+    x_TD = x_TD.contiguous()
+    tma = _weights_tma_ok(w_gate_FD, w_up_FD, w_down_DF) and _aligned_2d(x_TD)
+    if tma and T <= TMA_MAX_TOKENS:
+        h_TF = gate_up_swiglu_tma(x_TD, w_gate_FD, w_up_FD)
+    elif not tma and T <= FUSED_MAX_TOKENS:
         h_TF = gate_up_swiglu(x_TD, w_gate_FD, w_up_FD)
     else:
-        h_TF = silu_mul(*gate_and_up(x_TD, w_gate_FD, w_up_FD))
+        both = stacked(w_gate_FD, w_up_FD)
+        if both is not None:
+            y_T2F = F.linear(x_TD, both)
+            h_TF = silu_mul(y_T2F[:, :w_gate_FD.shape[0]], y_T2F[:, w_gate_FD.shape[0]:])
+        else:
+            h_TF = silu_mul(*gate_and_up(x_TD, w_gate_FD, w_up_FD))
+    if tma and T <= TMA_DOWN_MAX_TOKENS:
+        return down_tma(h_TF, w_down_DF)
     return F.linear(h_TF, w_down_DF)
+
+
+def stacked(w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor) -> torch.Tensor | None:
+    """The (2F, D) tensor whose halves the gate and up weights are, when they are (``MLP.stack_gate_up_``);
+    None otherwise."""
+    if (w_gate_FD.shape != w_up_FD.shape or w_gate_FD.dtype != w_up_FD.dtype or not w_gate_FD.is_contiguous()
+            or not w_up_FD.is_contiguous() or w_gate_FD.untyped_storage().data_ptr() != w_up_FD.untyped_storage().data_ptr()
+            or w_up_FD.data_ptr() != w_gate_FD.data_ptr() + w_gate_FD.numel() * w_gate_FD.element_size()):
+        return None
+    Fh, D = w_gate_FD.shape
+    return w_gate_FD.as_strided((2 * Fh, D), (D, 1))
+
+
+_hopper: dict[int, bool] = {}
+_aligned: dict[tuple, bool] = {}    # tma_ok's verdict on a weight, by what it depends on
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the TMA kernels can take these 2-D tensors: a Hopper or newer GPU, Triton with host-side
+    descriptors, unit stride along rows, rows and base addresses 16-byte aligned."""
+    if TensorDescriptor is None:
+        return False
+    dev = tensors[0].device
+    if dev.index not in _hopper:
+        _hopper[dev.index] = torch.cuda.get_device_capability(dev)[0] >= 9
+    return _hopper[dev.index] and all(_aligned_2d(t) for t in tensors)
+
+
+def _aligned_2d(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _weights_tma_ok(*weights: torch.Tensor) -> bool:
+    """``tma_ok`` for the weights, remembered: the host's time per call matters at a few tokens."""
+    key = tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights)
+    ok = _aligned.get(key)
+    if ok is None:
+        if len(_aligned) > 1024:
+            _aligned.clear()
+        ok = _aligned[key] = tma_ok(*weights)
+    return ok
 
 
 def gate_and_up(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor):
@@ -131,15 +192,108 @@ if triton is not None:
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=t_ok[:, None] & f_ok[None, :])
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    def _silu_mul_kernel(g_ptr, u_ptr, h_ptr, Fh, stride_g, stride_u, BLOCK: tl.constexpr):
+        # one row block per program: h[t, f] = silu(g[t, f]) * u[t, f], rows of g and u strided
+        n_f = tl.cdiv(Fh, BLOCK)
+        pid = tl.program_id(0)
+        t = (pid // n_f).to(tl.int64)
+        offs = (pid % n_f) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < Fh
+        g = tl.load(g_ptr + t * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + t * stride_u + offs, mask=ok, other=0.0).to(tl.float32)
         # torch's formula with an exact exp and division, rounded to the storage type before the
         # product as torch's two kernels do: the same bits as F.silu(g) * u
         s = tl.math.div_rn(g, 1.0 + libdevice.exp(-g)).to(h_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(h_ptr + offs, (s * u).to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptr + t * Fh + offs, (s * u).to(h_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _gate_up_tma_kernel(x_desc, wg_desc, wu_desc, h_desc, T, Fh, D, BLOCK_T: tl.constexpr,
+                            BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+        # Swapped products, (weight rows x tokens): the weight tile is the 64-row side of the tensor
+        # cores' product and the few tokens its narrow side.  Token tiles vary fastest (see above).
+        n_t = tl.cdiv(T, BLOCK_T)
+        pid = tl.program_id(0)
+        off_t = (pid % n_t) * BLOCK_T
+        off_f = (pid // n_t) * BLOCK_F
+        acc_g = tl.zeros((BLOCK_F, BLOCK_T), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_F, BLOCK_T), dtype=tl.float32)
+        for k in tl.range(0, tl.cdiv(D, BLOCK_D), num_stages=STAGES):
+            x = x_desc.load([off_t, k * BLOCK_D])          # rows past T and columns past D read as zeros
+            acc_g = tl.dot(wg_desc.load([off_f, k * BLOCK_D]), x.T, acc_g)
+            acc_u = tl.dot(wu_desc.load([off_f, k * BLOCK_D]), x.T, acc_u)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h_desc.store([off_t, off_f], h.T.to(h_desc.dtype))   # clipped to (T, F)
+
+    @triton.jit
+    def _down_tma_kernel(h_desc, w_desc, y_desc, T, D, Fh, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        # y = h w^T, swapped as above: (output columns x tokens) tiles, the whole reduction in each
+        n_t = tl.cdiv(T, BLOCK_T)
+        pid = tl.program_id(0)
+        off_t = (pid % n_t) * BLOCK_T
+        off_d = (pid // n_t) * BLOCK_D
+        acc = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
+        for k in tl.range(0, tl.cdiv(Fh, BLOCK_K), num_stages=STAGES):
+            acc = tl.dot(w_desc.load([off_d, k * BLOCK_K]), h_desc.load([off_t, k * BLOCK_K]).T, acc)
+        y_desc.store([off_t, off_d], acc.T.to(y_desc.dtype))
+
+    # (BLOCK_F or BLOCK_D, BLOCK_D or BLOCK_K, STAGES, num_warps); the token tile is the smallest power of
+    # two from 16 that holds every token.  What the benchmark sweeps, and the runtime's choice: the
+    # sweep's fastest from 16 to 64 tokens on an H200 (within 1% where another won).
+    TMA_SWEEP = [(bn, bk, s, 4) for bn in (64, 128) for bk, s in ((64, 3), (64, 4), (64, 6), (128, 3), (128, 4))]
+    TMA_GATE_UP = (64, 64, 3, 4)
+    TMA_DOWN = (64, 128, 4, 4)
+
+    def tma_fitting(kernel: str, tokens: int) -> list[tuple]:
+        """The configurations of ``TMA_SWEEP`` whose pipeline fits in shared memory for ``tokens`` tokens:
+        per stage the token tile and one ("down") or two ("gate/up") weight tiles, and the output tile."""
+        bt = _token_tile(tokens)
+        tiles = 2 if kernel == "gate/up" else 1
+        return [c for c in TMA_SWEEP
+                if (c[2] * (bt + tiles * c[0]) * c[1] + bt * c[0]) * 2 <= SHARED_MEMORY_BYTES]
+
+
+def _token_tile(T: int) -> int:
+    return max(16, triton.next_power_of_2(max(T, 1)))
+
+
+def gate_up_swiglu_tma(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,
+                       config: tuple | None = None) -> torch.Tensor:
+    """silu(x w_gate^T) * (x w_up^T), (T, F), in one TMA Triton kernel (Hopper), for up to 128 tokens.
+    ``config``: (BLOCK_F, BLOCK_D, stages, warps), overriding ``TMA_GATE_UP``."""
+    T, D = x_TD.shape
+    Fh = w_gate_FD.shape[0]
+    if T > 128 or w_gate_FD.shape != (Fh, D) or w_up_FD.shape != (Fh, D):
+        raise ValueError(f"gate_up_swiglu_tma: weights {tuple(w_gate_FD.shape)} and {tuple(w_up_FD.shape)} "
+                         f"for input {tuple(x_TD.shape)} (at most 128 tokens)")
+    bf, bd, stages, warps = config or TMA_GATE_UP
+    bt = _token_tile(T)
+    h = torch.empty(T, Fh, device=x_TD.device, dtype=x_TD.dtype)
+    grid = (triton.cdiv(T, bt) * triton.cdiv(Fh, bf),)
+    _gate_up_tma_kernel[grid](TensorDescriptor.from_tensor(x_TD, [bt, bd]),
+                              TensorDescriptor.from_tensor(w_gate_FD, [bf, bd]),
+                              TensorDescriptor.from_tensor(w_up_FD, [bf, bd]),
+                              TensorDescriptor.from_tensor(h, [bt, bf]), T, Fh, D,
+                              BLOCK_T=bt, BLOCK_F=bf, BLOCK_D=bd, STAGES=stages, num_warps=warps)
+    return h
+
+
+def down_tma(h_TF: torch.Tensor, w_down_DF: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+    """h w_down^T, (T, D), in one TMA Triton kernel (Hopper), for up to 128 tokens.  ``config``:
+    (BLOCK_D, BLOCK_K, stages, warps), overriding ``TMA_DOWN``."""
+    T, Fh = h_TF.shape
+    D = w_down_DF.shape[0]
+    if T > 128 or w_down_DF.shape != (D, Fh):
+        raise ValueError(f"down_tma: weight {tuple(w_down_DF.shape)} for input {tuple(h_TF.shape)} "
+                         f"(at most 128 tokens)")
+    bd, bk, stages, warps = config or TMA_DOWN
+    bt = _token_tile(T)
+    y = torch.empty(T, D, device=h_TF.device, dtype=h_TF.dtype)
+    grid = (triton.cdiv(T, bt) * triton.cdiv(D, bd),)
+    _down_tma_kernel[grid](TensorDescriptor.from_tensor(h_TF, [bt, bk]), TensorDescriptor.from_tensor(w_down_DF, [bd, bk]),
+                           TensorDescriptor.from_tensor(y, [bt, bd]), T, D, Fh,
+                           BLOCK_T=bt, BLOCK_D=bd, BLOCK_K=bk, STAGES=stages, num_warps=warps)
+    return y
 
 
 def gate_up_swiglu(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,
@@ -163,13 +317,20 @@ def gate_up_swiglu(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.T
     return h
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u in one Triton kernel; the same bits as ``F.silu(g) * u``."""
-    if g.shape != u.shape:
-        raise ValueError(f"silu_mul: shapes {tuple(g.shape)} and {tuple(u.shape)}")
-    g, u = g.contiguous(), u.contiguous()
-    h = torch.empty_like(g)
-    n = g.numel()
-    block = 2048
-    _silu_mul_kernel[(triton.cdiv(n, block),)](g, u, h, n, BLOCK=block, num_warps=8)
+def silu_mul(g_TF: torch.Tensor, u_TF: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u in one Triton kernel, (T, F) contiguous; the same bits as ``F.silu(g) * u``.  ``g``
+    and ``u`` are 2-D with unit stride along rows, their rows strided (two halves of one product's
+    output, for one)."""
+    if g_TF.shape != u_TF.shape or g_TF.dim() != 2:
+        raise ValueError(f"silu_mul: shapes {tuple(g_TF.shape)} and {tuple(u_TF.shape)} (2-D, equal)")
+    if g_TF.stride(1) != 1:
+        g_TF = g_TF.contiguous()
+    if u_TF.stride(1) != 1:
+        u_TF = u_TF.contiguous()
+    T, Fh = g_TF.shape
+    h = torch.empty(T, Fh, device=g_TF.device, dtype=g_TF.dtype)
+    block = min(2048, triton.next_power_of_2(max(Fh, 16)))
+    if T:
+        _silu_mul_kernel[(T * triton.cdiv(Fh, block),)](g_TF, u_TF, h, Fh, g_TF.stride(0), u_TF.stride(0),
+                                                        BLOCK=block, num_warps=8 if block >= 1024 else 4)
     return h

@@ -45,11 +45,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
+    def stack_gate_up_(self) -> "MLP":
+        """Keep the gate and up weights as the two halves of one (2F, D) tensor, so that on CUDA the two
+        products run as one (``kernels.swiglu_mlp``).  Names, shapes and values are unchanged; the
+        weight loader calls this on CUDA."""
+        g, u = self.gate_proj.weight, self.up_proj.weight
+        if g.device.type != "meta" and g.shape == u.shape and g.dtype == u.dtype and kernels.stacked(g, u) is None:
+            both = torch.cat([g.detach(), u.detach()])
+            g.data, u.data = both[:g.shape[0]], both[g.shape[0]:]
+        return self
+
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if kernels.enabled(x_TD):   # CUDA: Triton for few tokens, two streams for many (kernels.py)
-            y = kernels.swiglu_mlp(x_TD.reshape(-1, x_TD.shape[-1]), self.gate_proj.weight, self.up_proj.weight,
-                                   self.down_proj.weight)
-            return y.reshape(*x_TD.shape[:-1], -1)
+        if kernels.enabled(x_TD):   # CUDA: Triton for few tokens, cuBLAS for many (kernels.py)
+            w = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+            if x_TD.dim() == 2:     # what an expert gets
+                return kernels.swiglu_mlp(x_TD, *w)
+            y = kernels.swiglu_mlp(x_TD.reshape(-1, x_TD.shape[-1]), *w)
+            return y.reshape(*x_TD.shape[:-1], y.shape[-1])
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 

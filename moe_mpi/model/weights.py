@@ -135,6 +135,10 @@ def fill_(module: nn.Module, prefix: str, cfg: ModelConfig, *, seed: int, dtype:
                 src = random_tensor(cfg, seed, name, tuple(p.shape), device=device, dtype=want)
             p.data = src.to(device=device, dtype=want)
             p.requires_grad_(False)
+        if device.type == "cuda":       # one product for gate and up (kernels.swiglu_mlp)
+            for m in module.modules():
+                if isinstance(m, MLP):
+                    m.stack_gate_up_()
     return module
 
 

@@ -14,7 +14,7 @@ from .. import __version__
 from ..config import ModelConfig
 from ..io.inputs import InputReader, InputSpec, validate_input
 from ..io.outputs import OutputFile, OutputOptions, SeqResult, check_output_path
-from ..model.kernels import FUSED_MAX_TOKENS
+from ..model.kernels import FUSED_MAX_TOKENS, TMA_DOWN_MAX_TOKENS, TMA_MAX_TOKENS
 from ..model.transformer import Batch, FrontModel, FrontResult, drive, to_device
 from ..model.weights import Checkpoint
 
@@ -242,11 +242,13 @@ def warm_up_front(front: FrontModel, cfg: ModelConfig, mode: str, device: torch.
 def warm_up_expert(mlp, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tokens: int = 0,
                    fronts: int = 1) -> None:
     """The expert's MLP on made-up rows of each size class its kernels specialise on (one row, a few, a
-    multiple of 16, and the first size past the fused kernel), and on the rows a step brings with
-    balanced routing when each of ``fronts`` fronts sends ``tokens`` tokens, before the clock starts."""
+    multiple of 16, each token tile of the TMA kernels and the first size past each kernel), and on the
+    rows a step brings with balanced routing when each of ``fronts`` fronts sends ``tokens`` tokens,
+    before the clock starts: Triton compiles each class on first use."""
     typical = tokens * cfg.num_experts_per_tok * fronts // max(1, cfg.n_routed_experts)
+    edges = {FUSED_MAX_TOKENS, TMA_DOWN_MAX_TOKENS, TMA_MAX_TOKENS}
     with torch.inference_mode():
-        for rows in sorted({1, 2, FUSED_MAX_TOKENS, FUSED_MAX_TOKENS + 1, max(1, typical)}):
+        for rows in sorted({1, 2, max(1, typical)} | edges | {e + 1 for e in edges}):
             mlp(torch.ones(rows, cfg.hidden_size, device=device, dtype=dtype))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
