@@ -259,7 +259,8 @@ def main() -> int:
             "burst_peak": burst, "copy": copy, "clocks_after": after,
             "timing": {"warm_s": warm_s, "run_s": run_s, "peak_warm_s": 0.05 if args.small else 0.5},
             "fused_max_tokens": kernels.FUSED_MAX_TOKENS, "tma_max_tokens": kernels.TMA_MAX_TOKENS,
-            "tma_down_max_tokens": kernels.TMA_DOWN_MAX_TOKENS, "rows": rows, "checks": checks,
+            "tma_down_max_tokens": kernels.TMA_DOWN_MAX_TOKENS,
+            "graph_max_tokens": kernels.GRAPH_MAX_TOKENS if kernels.GRAPHS else 0, "rows": rows, "checks": checks,
             "checks_ok": checks_ok, "tma_sweep": sweep, "profiles": profiles}
     data["target_met"] = all(r["fraction"] >= 0.9 for r in rows if r["variant"] == "runtime")
     stem = f"gpu_expert_mlp_{card_slug(device)}" + ("_small" if args.small else "")
@@ -300,10 +301,12 @@ def render(data: dict) -> str:
           "Variants: `runtime` is exactly what an expert rank runs (`moe_mpi.model.layers.MLP`, which on "
           "CUDA uses `moe_mpi.model.kernels`: "
           + (f"on Hopper, the TMA Triton gate/up + SwiGLU kernel up to {data['tma_max_tokens']} tokens and the TMA "
-             f"down kernel up to {data['tma_down_max_tokens']}; above, cuBLAS: one product over the gate and up "
+             f"down kernel up to {data['tma_down_max_tokens']}"
+             + (f", both replayed from a CUDA graph per token tile up to {data['graph_max_tokens']}"
+                if data.get("graph_max_tokens") else "") + "; above, cuBLAS: one product over the gate and up "
              "weights stacked, joined by one Triton silu*mul kernel, and cuBLAS's down product); `torch` is the plain "
              "torch expert (what runs without Triton); `graph` replays the runtime as a CUDA graph; the others force "
-             "one path at every size: `TMA gate/up + down` the TMA kernels, `pointer-load gate/up` the gate/up kernel "
+             "one path at every size: `TMA gate/up + down` the TMA kernels launched directly, `pointer-load gate/up` the gate/up kernel "
              "that runs before Hopper, `cuBLAS, one product` and `cuBLAS, two streams` cuBLAS's gate and up as one "
              "product or as two on two streams." if "tma_max_tokens" in data else
              f"the fused Triton gate/up + SwiGLU kernel up to {data.get('fused_max_tokens', 16)} tokens, cuBLAS gate "

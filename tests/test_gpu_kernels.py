@@ -62,6 +62,26 @@ def test_tma_kernels_match_fp32(T):
         assert float((y.float() - want).norm() / want.norm()) < 1e-2, cfg
 
 
+@needs_tma
+def test_graph_replay_gives_the_direct_kernels_bits():
+    """Up to GRAPH_MAX_TOKENS the MLP replays its TMA kernels from a graph per token tile: call after
+    call, with fresh inputs and token counts that share a tile, each row comes out bit for bit as the
+    kernels launched directly give it, and an earlier result is not overwritten by a later call."""
+    D, Fh = 320, 200
+    wg = (torch.randn(Fh, D, device="cuda") / D ** 0.5).bfloat16()
+    wu = (torch.randn(Fh, D, device="cuda") / D ** 0.5).bfloat16()
+    wd = (torch.randn(D, Fh, device="cuda") / Fh ** 0.5).bfloat16()
+    kept = []
+    for T in [5, 16, 3, 17, 32, 1, 64, 40, 5]:
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        got = kernels.swiglu_mlp(x, wg, wu, wd)
+        want = kernels.down_tma(kernels.gate_up_swiglu_tma(x, wg, wu), wd)
+        assert torch.equal(got, want), T
+        kept.append((got, want.clone()))
+    assert all(torch.equal(g, w) for g, w in kept)
+    assert kernels.GRAPH_MAX_TOKENS <= min(kernels.TMA_MAX_TOKENS, kernels.TMA_DOWN_MAX_TOKENS)
+
+
 def test_silu_mul_kernel_is_bitwise_torch_and_mlp_uses_the_kernels():
     """silu_mul gives torch's bits, on contiguous inputs and on the two halves of one product's output;
     the MLP on CUDA (kernels on), its gate and up weights stacked as the loader leaves them or not, agrees

@@ -11,7 +11,8 @@ products must also keep the tensor cores busy while the weights stream.  What ru
   (weights x tokens): a few tokens are the narrow side of the tensor cores' product, so they do not pad
   its 64-row side.  The SwiGLU runs on the fp32 accumulators and only the result is rounded (torch
   rounds both products first: results differ by bf16 rounding).  Up to ``TMA_DOWN_MAX_TOKENS`` the down
-  product is the same kind of kernel (``down_tma``).
+  product is the same kind of kernel (``down_tma``).  Up to ``GRAPH_MAX_TOKENS`` the two replay from a
+  CUDA graph per token tile (``MOE_MPI_EXPERT_GRAPHS=0`` launches them directly).
 * before Hopper, T <= ``FUSED_MAX_TOKENS``: ``gate_up_swiglu``, the same SwiGLU through pointer loads.
 * above: cuBLAS.  Where the gate and up weights are the two halves of one (2F, D) tensor
   (``MLP.stack_gate_up_``, which the weight loader does on CUDA), one product over both (one launch
@@ -43,6 +44,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 TMA_MAX_TOKENS = 64         # Hopper: the TMA gate/up kernel up to here, cuBLAS above
 TMA_DOWN_MAX_TOKENS = 64    # Hopper: the TMA down kernel up to here, cuBLAS above
+GRAPH_MAX_TOKENS = 64       # Hopper: up to here both TMA kernels replay from a CUDA graph (_replayed)
+GRAPHS = os.environ.get("MOE_MPI_EXPERT_GRAPHS", "1") != "0"
 FUSED_MAX_TOKENS = 16       # before Hopper: the pointer-load gate/up kernel up to here (H100 and H200 sweeps)
 SKINNY_MAX_TOKENS = 4096    # what the pointer-load kernel accepts at all
 SHARED_MEMORY_BYTES = 200 * 1024    # tiles a configuration may stage (Hopper: 227 KB a block)
@@ -64,6 +67,8 @@ def swiglu_mlp(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tenso
         return x_TD.new_empty(0, w_down_DF.shape[0])
     x_TD = x_TD.contiguous()
     tma = _weights_tma_ok(w_gate_FD, w_up_FD, w_down_DF) and _aligned_2d(x_TD)
+    if tma and T <= GRAPH_MAX_TOKENS and GRAPHS and not torch.cuda.is_current_stream_capturing():
+        return _replayed(x_TD, w_gate_FD, w_up_FD, w_down_DF)
     if tma and T <= TMA_MAX_TOKENS:
         h_TF = gate_up_swiglu_tma(x_TD, w_gate_FD, w_up_FD)
     elif not tma and T <= FUSED_MAX_TOKENS:
@@ -78,6 +83,42 @@ def swiglu_mlp(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tenso
     if tma and T <= TMA_DOWN_MAX_TOKENS:
         return down_tma(h_TF, w_down_DF)
     return F.linear(h_TF, w_down_DF)
+
+
+_graphs: dict[tuple, tuple] = {}    # (weights, token tile, dtype, stream) -> (input buffer, output buffer, graph)
+
+
+def _replayed(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,
+              w_down_DF: torch.Tensor) -> torch.Tensor:
+    """The TMA kernels for a few tokens, replayed from a CUDA graph captured once per token tile (and
+    weights and stream): the tokens are copied into the graph's input rows, the rows past them keep
+    whatever they held (each output row depends on its own input row only), and the result is copied
+    out.  Three cheap launches instead of two Triton launches, whose host cost (47 and 63 us, measured on
+    a lent H200 machine) can exceed the kernels' 0.2 ms at paper width.  The rows come out bit for bit as the
+    kernels launched directly give them."""
+    T, D = x_TD.shape
+    tile = _token_tile(T)
+    stream = torch.cuda.current_stream(x_TD.device)
+    key = (w_gate_FD.data_ptr(), w_up_FD.data_ptr(), w_down_DF.data_ptr(), w_gate_FD.shape, w_down_DF.shape,
+           x_TD.dtype, tile, stream.cuda_stream)
+    entry = _graphs.get(key)
+    if entry is None:
+        if len(_graphs) >= 64:
+            _graphs.clear()
+        x_buf = torch.zeros(tile, D, device=x_TD.device, dtype=x_TD.dtype)
+        side = torch.cuda.Stream(x_TD.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):       # compile (and warm) outside the capture
+            down_tma(gate_up_swiglu_tma(x_buf, w_gate_FD, w_up_FD), w_down_DF)
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            y_buf = down_tma(gate_up_swiglu_tma(x_buf, w_gate_FD, w_up_FD), w_down_DF)
+        entry = _graphs[key] = (x_buf, y_buf, graph)
+    x_buf, y_buf, graph = entry
+    x_buf[:T].copy_(x_TD)
+    graph.replay()
+    return y_buf[:T].clone()
 
 
 def stacked(w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor) -> torch.Tensor | None:
