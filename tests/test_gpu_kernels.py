@@ -171,8 +171,10 @@ def test_token_logprobs_kernel_matches_fp32_log_softmax(vocab):
 def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
     """The fused combine gives what routing.combine, the shared experts' add and the residual add give,
     for every element: the same bits at top-2 (two products sum alike in any order); at top-8, where
-    torch sums the eight in another order, within a bf16 rounding of the operands' size (an ulp of the
-    sum can be many of a result that cancels); rows of padding (not routed) keep their bits."""
+    torch sums the eight in another order, within three bf16 ulps of the operands' size: a different
+    fp32 sum can round the combine to the neighbouring bf16 value, and each of the two adds after it
+    can then round the other way too (an ulp of a sum can be many of a result that cancels); rows of
+    padding (not routed) keep their bits."""
     from moe_mpi.model.routing import combine, plan_dispatch
     R, T, D, E = 300, 257, 7168, 16
     x = torch.randn(R, D, device="cuda", dtype=torch.bfloat16)
@@ -196,7 +198,7 @@ def test_combine_residual_kernel_matches_combine_then_add(top_k, with_shared):
     else:
         size = x.float().abs()
         size[rows] += combine(y.abs(), plan, w) + (0 if shared is None else shared.float().abs())
-        assert bool(((got.float() - want.float()).abs() <= 2 ** -7 * size).all())
+        assert bool(((got.float() - want.float()).abs() <= 3 * 2 ** -7 * size).all())
 
 
 @pytest.mark.parametrize("interleave", [True, False])
