@@ -387,3 +387,34 @@ def test_softmax_router_matches_deepseek_v2(topk_method):
         assert (plain_ids != ids_sorted).any()
         groups_TK = ids_TK // (E // G)
         assert all(len(set(row)) <= TG for row in groups_TK.tolist())
+
+
+def test_stacked_gate_and_up_weights_change_nothing_but_storage():
+    """``MLP.stack_gate_up_`` (what the loader does on CUDA) keeps names, shapes, values and outputs:
+    gate and up become the two halves of one (2F, D) tensor, which ``kernels.stacked`` finds, and a
+    later ``load_state_dict`` writes through into it; unrelated or separate tensors are not taken for it."""
+    from moe_mpi.model import kernels
+    from moe_mpi.model.layers import MLP
+    torch.manual_seed(1)
+    mlp = MLP(24, 40).requires_grad_(False)
+    x = torch.randn(3, 5, 24)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    want = mlp(x)
+    assert kernels.stacked(mlp.gate_proj.weight, mlp.up_proj.weight) is None
+    mlp.stack_gate_up_()
+    both = kernels.stacked(mlp.gate_proj.weight, mlp.up_proj.weight)
+    assert both is not None and both.shape == (80, 24)
+    assert torch.equal(both, torch.cat([before["gate_proj.weight"], before["up_proj.weight"]]))
+    assert list(mlp.state_dict()) == list(before)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+    assert torch.equal(mlp(x), want)
+    fresh = {k: torch.randn_like(v) for k, v in before.items()}
+    mlp.load_state_dict(fresh)
+    assert torch.equal(kernels.stacked(mlp.gate_proj.weight, mlp.up_proj.weight),
+                       torch.cat([fresh["gate_proj.weight"], fresh["up_proj.weight"]]))
+    mlp.stack_gate_up_()                                    # a second call leaves it as it is
+    assert kernels.stacked(mlp.gate_proj.weight, mlp.up_proj.weight) is not None
+    whole = torch.randn(80, 24)
+    assert kernels.stacked(whole[40:], whole[:40]) is None  # the wrong order
+    assert kernels.stacked(whole[:40], whole[40:]) is not None
+    assert kernels.stacked(whole[:40, :12], whole[40:, :12]) is None   # not contiguous
