@@ -94,8 +94,12 @@ def _replayed(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor
     weights and stream): the tokens are copied into the graph's input rows, the rows past them keep
     whatever they held (each output row depends on its own input row only), and the result is copied
     out.  Three cheap launches instead of two Triton launches, whose host cost (47 and 63 us, measured on
-    a lent H200 machine) can exceed the kernels' 0.2 ms at paper width.  The rows come out bit for bit as the
-    kernels launched directly give them."""
+    a lent H200 machine) can exceed the kernels' 0.2 ms at paper width.  The rows come out bit for bit as
+    the kernels launched directly give them.  A capture synchronises the device (``torch.cuda.graph``
+    does), so an expert captures its three tiles in its warm-up (``job.warm_up_expert``), before any
+    exchange; a tile first met inside a run (a front's dense MLP on a short micro-batch, say) costs one
+    such wait there.  After 64 captures in a process the rest launch directly: a graph is never
+    destroyed while a replay of it may be queued."""
     T, D = x_TD.shape
     tile = _token_tile(T)
     stream = torch.cuda.current_stream(x_TD.device)
@@ -104,7 +108,7 @@ def _replayed(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor
     entry = _graphs.get(key)
     if entry is None:
         if len(_graphs) >= 64:
-            _graphs.clear()
+            return down_tma(gate_up_swiglu_tma(x_TD, w_gate_FD, w_up_FD), w_down_DF)
         x_buf = torch.zeros(tile, D, device=x_TD.device, dtype=x_TD.dtype)
         side = torch.cuda.Stream(x_TD.device)
         side.wait_stream(stream)
