@@ -226,7 +226,8 @@ def main() -> int:
             ms = median(time_sustained(call, device, warm_s=warm_s, run_s=run_s))
             issue = host_us(call, device) if device.type == "cuda" and name in ("runtime", "graph") else None
             clocks = gpu_clocks(device) if name == "runtime" else None     # just after the size's timed calls
-            rows.append({"tokens": T, "variant": name, "ms": ms, "host_us": issue, "clocks": clocks, "tflops": flops / (ms * 1e-3) / 1e12,
+            rows.append({"tokens": T, "variant": name, "ms": ms, "host_us": issue, "clocks": clocks,
+                         "tflops": flops / (ms * 1e-3) / 1e12,
                          "gbps": nbytes / (ms * 1e-3) / 1e9, "roofline_ms": roof_ms, "fraction": roof_ms / ms,
                          "fraction_burst": burst_ms / ms,
                          "bound": "compute" if flops / (peak["tflops"] * 1e12) > nbytes / (copy["gbps"] * 1e9)
@@ -306,7 +307,8 @@ def render(data: dict) -> str:
                 if data.get("graph_max_tokens") else "") + "; above, cuBLAS: one product over the gate and up "
              "weights stacked, joined by one Triton silu*mul kernel, and cuBLAS's down product); `torch` is the plain "
              "torch expert (what runs without Triton); `graph` replays the runtime as a CUDA graph; the others force "
-             "one path at every size: `TMA gate/up + down` the TMA kernels launched directly, `pointer-load gate/up` the gate/up kernel "
+             "one path at every size: `TMA gate/up + down` the TMA kernels launched directly, `pointer-load gate/up` "
+             "the gate/up kernel "
              "that runs before Hopper, `cuBLAS, one product` and `cuBLAS, two streams` cuBLAS's gate and up as one "
              "product or as two on two streams." if "tma_max_tokens" in data else
              f"the fused Triton gate/up + SwiGLU kernel up to {data.get('fused_max_tokens', 16)} tokens, cuBLAS gate "
@@ -344,7 +346,8 @@ def render(data: dict) -> str:
            + (" - ok" if data.get("checks_ok", True) else " - FAILED"), ""]
     if data.get("tma_sweep"):
         md += ["## TMA kernels: every configuration of the sweep (burst timings)", "",
-               "Configuration: (BLOCK_F or BLOCK_D, BLOCK_D or BLOCK_K, stages, warps); the token tile is the "
+               "Configuration: (BLOCK_N, BLOCK_K, stages, warps), the output columns and the reduction per tile; "
+               "the token tile is the "
                "smallest power of two from 16 that holds every token.", "",
                md_table(data["tma_sweep"], [("tokens", "tokens", "d"), ("kernel", "kernel", ""),
                                             ("config", "configuration", ""), ("runtime's", "runtime's", ""),

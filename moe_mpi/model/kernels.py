@@ -128,9 +128,10 @@ def _replayed(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor
 def stacked(w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor) -> torch.Tensor | None:
     """The (2F, D) tensor whose halves the gate and up weights are, when they are (``MLP.stack_gate_up_``);
     None otherwise."""
-    if (w_gate_FD.shape != w_up_FD.shape or w_gate_FD.dtype != w_up_FD.dtype or not w_gate_FD.is_contiguous()
-            or not w_up_FD.is_contiguous() or w_gate_FD.untyped_storage().data_ptr() != w_up_FD.untyped_storage().data_ptr()
-            or w_up_FD.data_ptr() != w_gate_FD.data_ptr() + w_gate_FD.numel() * w_gate_FD.element_size()):
+    g, u = w_gate_FD, w_up_FD
+    if (g.shape != u.shape or g.dtype != u.dtype or not g.is_contiguous() or not u.is_contiguous()
+            or g.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()
+            or u.data_ptr() != g.data_ptr() + g.numel() * g.element_size()):
         return None
     Fh, D = w_gate_FD.shape
     return w_gate_FD.as_strided((2 * Fh, D), (D, 1))
@@ -252,38 +253,40 @@ if triton is not None:
         tl.store(h_ptr + t * Fh + offs, (s * u).to(h_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gate_up_tma_kernel(x_desc, wg_desc, wu_desc, h_desc, T, Fh, D, BLOCK_T: tl.constexpr,
-                            BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
-        # Swapped products, (weight rows x tokens): the weight tile is the 64-row side of the tensor
-        # cores' product and the few tokens its narrow side.  Token tiles vary fastest (see above).
+    def _gate_up_tma_kernel(x_desc, wg_desc, wu_desc, h_desc, T, N, K, BLOCK_T: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        # h = silu(x wg^T) * (x wu^T), (T, N) from (T, K).  Swapped products, (weight rows x tokens): the
+        # weight tile is the 64-row side of the tensor cores' product and the few tokens its narrow side.
+        # Token tiles vary fastest (see above).
         n_t = tl.cdiv(T, BLOCK_T)
         pid = tl.program_id(0)
         off_t = (pid % n_t) * BLOCK_T
-        off_f = (pid // n_t) * BLOCK_F
-        acc_g = tl.zeros((BLOCK_F, BLOCK_T), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_F, BLOCK_T), dtype=tl.float32)
-        for k in tl.range(0, tl.cdiv(D, BLOCK_D), num_stages=STAGES):
-            x = x_desc.load([off_t, k * BLOCK_D])          # rows past T and columns past D read as zeros
-            acc_g = tl.dot(wg_desc.load([off_f, k * BLOCK_D]), x.T, acc_g)
-            acc_u = tl.dot(wu_desc.load([off_f, k * BLOCK_D]), x.T, acc_u)
+        off_n = (pid // n_t) * BLOCK_N
+        acc_g = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+            x = x_desc.load([off_t, k * BLOCK_K])          # rows past T and columns past K read as zeros
+            acc_g = tl.dot(wg_desc.load([off_n, k * BLOCK_K]), x.T, acc_g)
+            acc_u = tl.dot(wu_desc.load([off_n, k * BLOCK_K]), x.T, acc_u)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
-        h_desc.store([off_t, off_f], h.T.to(h_desc.dtype))   # clipped to (T, F)
+        h_desc.store([off_t, off_n], h.T.to(h_desc.dtype))   # clipped to (T, N)
 
     @triton.jit
-    def _down_tma_kernel(h_desc, w_desc, y_desc, T, D, Fh, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _down_tma_kernel(h_desc, w_desc, y_desc, T, N, K, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-        # y = h w^T, swapped as above: (output columns x tokens) tiles, the whole reduction in each
+        # y = h w^T, (T, N) from (T, K), swapped as above: (output columns x tokens) tiles, the whole
+        # reduction in each
         n_t = tl.cdiv(T, BLOCK_T)
         pid = tl.program_id(0)
         off_t = (pid % n_t) * BLOCK_T
-        off_d = (pid // n_t) * BLOCK_D
-        acc = tl.zeros((BLOCK_D, BLOCK_T), dtype=tl.float32)
-        for k in tl.range(0, tl.cdiv(Fh, BLOCK_K), num_stages=STAGES):
-            acc = tl.dot(w_desc.load([off_d, k * BLOCK_K]), h_desc.load([off_t, k * BLOCK_K]).T, acc)
-        y_desc.store([off_t, off_d], acc.T.to(y_desc.dtype))
+        off_n = (pid // n_t) * BLOCK_N
+        acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+        for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+            acc = tl.dot(w_desc.load([off_n, k * BLOCK_K]), h_desc.load([off_t, k * BLOCK_K]).T, acc)
+        y_desc.store([off_t, off_n], acc.T.to(y_desc.dtype))
 
-    # (BLOCK_F or BLOCK_D, BLOCK_D or BLOCK_K, STAGES, num_warps); the token tile is the smallest power of
-    # two from 16 that holds every token.  What the benchmark sweeps, and the runtime's choice: the
+    # (BLOCK_N, BLOCK_K, STAGES, num_warps): output columns and reduction per tile; the token tile is the
+    # smallest power of two from 16 that holds every token.  What the benchmark sweeps, and the runtime's choice: the
     # sweep's fastest from 16 to 64 tokens on an H200 (within 1% where another won).
     TMA_SWEEP = [(bn, bk, s, 4) for bn in (64, 128) for bk, s in ((64, 3), (64, 4), (64, 6), (128, 3), (128, 4))]
     TMA_GATE_UP = (64, 64, 3, 4)
@@ -305,40 +308,32 @@ def _token_tile(T: int) -> int:
 def gate_up_swiglu_tma(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,
                        config: tuple | None = None) -> torch.Tensor:
     """silu(x w_gate^T) * (x w_up^T), (T, F), in one TMA Triton kernel (Hopper), for up to 128 tokens.
-    ``config``: (BLOCK_F, BLOCK_D, stages, warps), overriding ``TMA_GATE_UP``."""
-    T, D = x_TD.shape
-    Fh = w_gate_FD.shape[0]
-    if T > 128 or w_gate_FD.shape != (Fh, D) or w_up_FD.shape != (Fh, D):
-        raise ValueError(f"gate_up_swiglu_tma: weights {tuple(w_gate_FD.shape)} and {tuple(w_up_FD.shape)} "
-                         f"for input {tuple(x_TD.shape)} (at most 128 tokens)")
-    bf, bd, stages, warps = config or TMA_GATE_UP
-    bt = _token_tile(T)
-    h = torch.empty(T, Fh, device=x_TD.device, dtype=x_TD.dtype)
-    grid = (triton.cdiv(T, bt) * triton.cdiv(Fh, bf),)
-    _gate_up_tma_kernel[grid](TensorDescriptor.from_tensor(x_TD, [bt, bd]),
-                              TensorDescriptor.from_tensor(w_gate_FD, [bf, bd]),
-                              TensorDescriptor.from_tensor(w_up_FD, [bf, bd]),
-                              TensorDescriptor.from_tensor(h, [bt, bf]), T, Fh, D,
-                              BLOCK_T=bt, BLOCK_F=bf, BLOCK_D=bd, STAGES=stages, num_warps=warps)
-    return h
+    ``config``: (BLOCK_N, BLOCK_K, stages, warps), overriding ``TMA_GATE_UP``."""
+    return _swapped_tma(_gate_up_tma_kernel, "gate_up_swiglu_tma", x_TD, (w_gate_FD, w_up_FD), config or TMA_GATE_UP)
 
 
 def down_tma(h_TF: torch.Tensor, w_down_DF: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
     """h w_down^T, (T, D), in one TMA Triton kernel (Hopper), for up to 128 tokens.  ``config``:
-    (BLOCK_D, BLOCK_K, stages, warps), overriding ``TMA_DOWN``."""
-    T, Fh = h_TF.shape
-    D = w_down_DF.shape[0]
-    if T > 128 or w_down_DF.shape != (D, Fh):
-        raise ValueError(f"down_tma: weight {tuple(w_down_DF.shape)} for input {tuple(h_TF.shape)} "
+    (BLOCK_N, BLOCK_K, stages, warps), overriding ``TMA_DOWN``."""
+    return _swapped_tma(_down_tma_kernel, "down_tma", h_TF, (w_down_DF,), config or TMA_DOWN)
+
+
+def _swapped_tma(kernel, name: str, x_TK: torch.Tensor, weights_NK: tuple, config: tuple) -> torch.Tensor:
+    """Launch a swapped TMA kernel: (T, N) out of (T, K) input and (N, K) weights."""
+    T, K = x_TK.shape
+    N = weights_NK[0].shape[0]
+    if T > 128 or any(w.shape != (N, K) for w in weights_NK):
+        raise ValueError(f"{name}: weights {[tuple(w.shape) for w in weights_NK]} for input {tuple(x_TK.shape)} "
                          f"(at most 128 tokens)")
-    bd, bk, stages, warps = config or TMA_DOWN
+    bn, bk, stages, warps = config
     bt = _token_tile(T)
-    y = torch.empty(T, D, device=h_TF.device, dtype=h_TF.dtype)
-    grid = (triton.cdiv(T, bt) * triton.cdiv(D, bd),)
-    _down_tma_kernel[grid](TensorDescriptor.from_tensor(h_TF, [bt, bk]), TensorDescriptor.from_tensor(w_down_DF, [bd, bk]),
-                           TensorDescriptor.from_tensor(y, [bt, bd]), T, D, Fh,
-                           BLOCK_T=bt, BLOCK_D=bd, BLOCK_K=bk, STAGES=stages, num_warps=warps)
-    return y
+    out = torch.empty(T, N, device=x_TK.device, dtype=x_TK.dtype)
+    descriptors = [TensorDescriptor.from_tensor(x_TK, [bt, bk])]
+    descriptors += [TensorDescriptor.from_tensor(w, [bn, bk]) for w in weights_NK]
+    descriptors.append(TensorDescriptor.from_tensor(out, [bt, bn]))
+    kernel[(triton.cdiv(T, bt) * triton.cdiv(N, bn),)](*descriptors, T, N, K, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk,
+                                                      STAGES=stages, num_warps=warps)
+    return out
 
 
 def gate_up_swiglu(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor,
