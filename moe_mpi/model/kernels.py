@@ -45,7 +45,6 @@ except ImportError:  # pragma: no cover - depends on the install
 TMA_MAX_TOKENS = 64         # Hopper: the TMA gate/up kernel up to here, cuBLAS above
 TMA_DOWN_MAX_TOKENS = 64    # Hopper: the TMA down kernel up to here, cuBLAS above
 GRAPH_MAX_TOKENS = 64       # Hopper: up to here both TMA kernels replay from a CUDA graph (_replayed)
-GRAPHS = os.environ.get("MOE_MPI_EXPERT_GRAPHS", "1") != "0"
 FUSED_MAX_TOKENS = 16       # before Hopper: the pointer-load gate/up kernel up to here (H100 and H200 sweeps)
 SKINNY_MAX_TOKENS = 4096    # what the pointer-load kernel accepts at all
 SHARED_MEMORY_BYTES = 200 * 1024    # tiles a configuration may stage (Hopper: 227 KB a block)
@@ -67,7 +66,8 @@ def swiglu_mlp(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tenso
         return x_TD.new_empty(0, w_down_DF.shape[0])
     x_TD = x_TD.contiguous()
     tma = _weights_tma_ok(w_gate_FD, w_up_FD, w_down_DF) and _aligned_2d(x_TD)
-    if tma and T <= GRAPH_MAX_TOKENS and GRAPHS and not torch.cuda.is_current_stream_capturing():
+    if (tma and T <= GRAPH_MAX_TOKENS and os.environ.get("MOE_MPI_EXPERT_GRAPHS", "1") != "0"
+            and not torch.cuda.is_current_stream_capturing()):
         return _replayed(x_TD, w_gate_FD, w_up_FD, w_down_DF)
     if tma and T <= TMA_MAX_TOKENS:
         h_TF = gate_up_swiglu_tma(x_TD, w_gate_FD, w_up_FD)
