@@ -65,7 +65,7 @@ def swiglu_mlp(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tenso
     if T == 0:
         return x_TD.new_empty(0, w_down_DF.shape[0])
     x_TD = x_TD.contiguous()
-    tma = _weights_tma_ok(w_gate_FD, w_up_FD, w_down_DF) and _aligned_2d(x_TD)
+    tma = tma_ok(x_TD, w_gate_FD, w_up_FD, w_down_DF)
     if (tma and T <= GRAPH_MAX_TOKENS and os.environ.get("MOE_MPI_EXPERT_GRAPHS", "1") != "0"
             and not torch.cuda.is_current_stream_capturing()):
         return _replayed(x_TD, w_gate_FD, w_up_FD, w_down_DF)
@@ -137,8 +137,7 @@ def stacked(w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor) -> torch.Tensor | No
     return w_gate_FD.as_strided((2 * Fh, D), (D, 1))
 
 
-_hopper: dict[int, bool] = {}
-_aligned: dict[tuple, bool] = {}    # tma_ok's verdict on a weight, by what it depends on
+_hopper: dict[int, bool] = {}     # by device index: compute capability 9 or more
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
@@ -149,22 +148,9 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
     dev = tensors[0].device
     if dev.index not in _hopper:
         _hopper[dev.index] = torch.cuda.get_device_capability(dev)[0] >= 9
-    return _hopper[dev.index] and all(_aligned_2d(t) for t in tensors)
-
-
-def _aligned_2d(t: torch.Tensor) -> bool:
-    return t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-def _weights_tma_ok(*weights: torch.Tensor) -> bool:
-    """``tma_ok`` for the weights, remembered: the host's time per call matters at a few tokens."""
-    key = tuple((w.data_ptr(), w.shape, w.stride(), w.dtype, w.device) for w in weights)
-    ok = _aligned.get(key)
-    if ok is None:
-        if len(_aligned) > 1024:
-            _aligned.clear()
-        ok = _aligned[key] = tma_ok(*weights)
-    return ok
+    return _hopper[dev.index] and all(
+        t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+        for t in tensors)
 
 
 def gate_and_up(x_TD: torch.Tensor, w_gate_FD: torch.Tensor, w_up_FD: torch.Tensor):

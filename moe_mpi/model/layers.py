@@ -57,10 +57,8 @@ class MLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if kernels.enabled(x_TD):   # CUDA: Triton for few tokens, cuBLAS for many (kernels.py)
-            w = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-            if x_TD.dim() == 2:     # what an expert gets
-                return kernels.swiglu_mlp(x_TD, *w)
-            y = kernels.swiglu_mlp(x_TD.reshape(-1, x_TD.shape[-1]), *w)
+            y = kernels.swiglu_mlp(x_TD.reshape(-1, x_TD.shape[-1]), self.gate_proj.weight, self.up_proj.weight,
+                                   self.down_proj.weight)
             return y.reshape(*x_TD.shape[:-1], y.shape[-1])
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
