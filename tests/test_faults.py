@@ -88,14 +88,26 @@ def kill_all(launcher: subprocess.Popen) -> None:
             pass
     launcher.wait(timeout=60)
     deadline = time.monotonic() + 60
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in victims[1:]):
+    while any(_running(pid) for pid in victims[1:]):
         assert time.monotonic() < deadline, "killed processes did not go away"
         time.sleep(0.1)
 
 
-def _state(pid: int) -> str:
+def _running(pid: int) -> bool:
+    """Whether any thread of pid has yet to exit. A zombie leader is not enough: in a threaded rank
+    (torch's pool) the leader turns Z while its other threads are still exiting, and the open files,
+    with HDF5's lock on the output, go only with the last of them. Zombies count as gone (with no
+    reaping init in the container they stay)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_state(f"{pid}/task/{tid}") not in ("Z", "X") for tid in tasks)
+
+
+def _state(task: str) -> str:
+    try:
+        return Path(f"/proc/{task}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "X"
 
