@@ -110,6 +110,42 @@ def test_refuses_to_overwrite(tmp_path, tiny_input):
     cli("score", tiny_input, out, "--config", "tiny", "--overwrite", check=True)
 
 
+def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
+    """A .partial left by an unfinished run is hours of work: a run without --resume or --overwrite
+    refuses to replace it, and no run touches one that another process holds open (a job still
+    writing it), whatever the flags."""
+    from moe_mpi.io.outputs import SeqResult, state_path
+    cfg = ModelConfig.load("tiny")
+    out = tmp_path / "o.h5"
+    spec = validate_input(str(tiny_input), cfg)
+    opts = ScoreOptions(input=str(tiny_input), output=str(out), config="tiny")
+    part = OutputFile.create(str(out), cfg, spec, opts.output_options())
+    rng = np.random.default_rng()
+    n = int(spec.lengths[3])
+    part.write([SeqResult(3, n, rng.standard_normal(n).astype(np.float32), None, None)],
+               rng.integers(1, 9, size=(cfg.n_moe_layers, cfg.n_routed_experts)))
+    part.close()
+    partial, state = tmp_path / "o.h5.partial", tmp_path / "o.h5.partial.state.npz"
+    assert str(state) == state_path(str(out))
+    before = partial.read_bytes(), state.read_bytes()
+
+    proc = cli("score", tiny_input, out, "--config", "tiny")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(partial) in proc.stderr and "--resume" in proc.stderr and "--overwrite" in proc.stderr
+    assert (partial.read_bytes(), state.read_bytes()) == before and not out.exists()
+
+    with h5py.File(partial, "r+"):                     # another process writing it
+        for flag in ("--resume", "--overwrite"):
+            proc = cli("score", tiny_input, out, "--config", "tiny", flag)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert str(partial) in proc.stderr and "open in another process" in proc.stderr, proc.stderr
+    assert (partial.read_bytes(), state.read_bytes()) == before and not out.exists()
+
+    cli("score", tiny_input, out, "--config", "tiny", "--overwrite", check=True)
+    assert out.exists() and not partial.exists() and not state.exists()
+    assert read(out)["done"].all()
+
+
 def test_resume_of_half_done_output(tmp_path, tiny_input):
     """A partial file with some micro-batches done: --resume computes only the rest, and the result is
     bitwise identical to an uninterrupted run."""

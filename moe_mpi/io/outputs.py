@@ -13,6 +13,8 @@ a job killed outright loses at most that many seconds of work.  The first write 
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import time
@@ -74,8 +76,33 @@ def check_output_path(out: str, in_path: str, *, overwrite: bool, resume: bool) 
         raise OutputError(f"{out}: output directory {parent} is not writable")
     if os.path.exists(out) and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    if resume and not os.path.exists(partial_path(out)):
-        raise OutputError(f"{out}: --resume given but {partial_path(out)} does not exist")
+    partial = partial_path(out)
+    if resume and not os.path.exists(partial):
+        raise OutputError(f"{out}: --resume given but {partial} does not exist")
+    if os.path.exists(partial):
+        if in_use(partial):
+            raise OutputError(f"{partial}: is open in another process, likely a job still writing it; "
+                              "wait for that job to end (or cancel it), then run again")
+        if not resume and not overwrite:
+            raise OutputError(f"{partial}: left by an earlier run that did not finish; pass --resume to "
+                              "continue it, or --overwrite to discard it and start again")
+
+
+def in_use(path: str) -> bool:
+    """Whether another process holds the file open for writing, as HDF5 shows it: a read-write open
+    takes an exclusive flock, so a shared one cannot be had.  False where HDF5's locking is off
+    (HDF5_USE_FILE_LOCKING=FALSE) or the file system has no flock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)            # closing drops the shared lock, if taken
+    return False
 
 
 def _contiguous(group: h5py.Group, name: str, shape, dtype, fill) -> h5py.Dataset:
@@ -124,7 +151,11 @@ class OutputFile:
         try:
             f = h5py.File(path, "r+")
         except OSError as exc:
-            raise OutputError(f"{path}: cannot be opened to resume ({exc}); delete it and start again") from None
+            if in_use(path):
+                raise OutputError(f"{path}: is open in another process, likely a job still writing it; wait "
+                                  "for that job to end (or cancel it), then resume") from None
+            raise OutputError(f"{path}: cannot be opened to resume ({exc}); run with --overwrite to discard "
+                              "it and start again") from None
         want = {"input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": spec.n_seqs,
                 "seq_len": spec.seq_len, "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed,
                 "model": opts.model or "", "save_hidden": opts.save_hidden, "save_routing": opts.save_routing}
