@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, cli, read
+from conftest import REPO, cli, make_tokens, read
 
 pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm (sbatch) is not installed")
 
@@ -60,3 +62,89 @@ def test_sbatch_refuses_wrong_task_count(tmp_path):
     assert rc != 0
     assert "needs exactly 9 MPI ranks" in log and "5 tasks" in log, log
     assert not (tmp_path / "o.h5").exists()
+
+
+def _matches_one_rank(out: Path, ref: Path) -> None:
+    got, want = read(out), read(ref)
+    lp, wl = got["token_logprobs"], want["token_logprobs"]
+    assert np.array_equal(np.isnan(lp), np.isnan(wl))
+    np.testing.assert_allclose(lp[~np.isnan(lp)], wl[~np.isnan(wl)], atol=1e-5, rtol=0)
+    assert got["done"].all() and np.array_equal(got["expert_load"], want["expert_load"])
+
+
+def test_sbatch_requeue_after_time_limit_warning(tmp_path):
+    """Slurm's time-limit warning (SIGUSR1 to the batch shell, as --signal=B:USR1@300 sends it) mid-run:
+    the ranks flush, the job requeues itself, the next run resumes, and sbatch --wait returns 0."""
+    path, out, ref = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "ref.h5"
+    make_tokens(path, 600, 48, 512, seed=int(np.random.SeedSequence().entropy % 2**31))
+    args = ("--config", "tiny", "-T", "48", "--no-progress")
+    cli("score", path, ref, *args, check=True)
+    log = tmp_path / "job.out"
+    job = subprocess.Popen(["sbatch", "--wait", "--parsable", "--overcommit", "--exclusive", "--ntasks=9",
+                            f"--output={log}", "slurm/score.sbatch", path, out, *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        job_id = job.stdout.readline().strip().split(";")[0]
+        assert job_id.isdigit(), job_id
+        state = Path(f"{out}.partial.state.npz")
+        deadline = time.monotonic() + 300
+        while not state.exists():                   # past start-up, some sequences committed
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else ""
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+        _, err = job.communicate(timeout=480)
+    finally:
+        if job.poll() is None:
+            subprocess.run(["scancel", job_id or "0"], timeout=30)
+            job.kill()
+    text = log.read_text() + err
+    assert job.returncode == 0, text
+    assert "got SIGUSR1" in text and f"requeueing job {job_id} (restart 1)" in text, text
+    assert "found" in text and "adding --resume" in text and "wrote" in text, text
+    assert not Path(f"{out}.partial").exists() and not state.exists()
+    _matches_one_rank(out, ref)
+
+
+def test_sbatch_array_scores_each_input_once(tmp_path):
+    """One array task per input; resubmitting skips what is done; a list where two inputs share an
+    output name is refused by every task before any work."""
+    inputs = tmp_path / "inputs"
+    (inputs / "a").mkdir(parents=True)
+    (inputs / "b").mkdir()
+    names = [inputs / "a" / "first.h5", inputs / "b" / "second.hdf5"]
+    for i, p in enumerate(names):
+        make_tokens(p, 6 + i, 24, 512, seed=int(np.random.SeedSequence().entropy % 2**31))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# inputs\n  {names[0]}  \n\n{names[1]}\n")
+    outdir = tmp_path / "out"
+
+    def array(lst: Path) -> tuple[int, str]:
+        proc = subprocess.run(["sbatch", "--wait", "--overcommit", "--exclusive", "--array=0-1", "--ntasks=9",
+                               f"--output={tmp_path}/array-%A_%a.out", "slurm/score-array.sbatch", lst, outdir,
+                               "--config", "tiny", "--no-progress"],
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+        logs = sorted(tmp_path.glob("array-*.out"))
+        text = "".join(p.read_text() for p in logs) + proc.stderr
+        for p in logs:
+            p.unlink()
+        return proc.returncode, text
+
+    rc, text = array(listing)
+    assert rc == 0, text
+    outs = [outdir / "first.scores.h5", outdir / "second.scores.h5"]
+    for p, o in zip(names, outs):
+        ref = tmp_path / f"{o.stem}.ref.h5"
+        cli("score", p, ref, "--config", "tiny", check=True)
+        _matches_one_rank(o, ref)
+    stamps = [o.stat().st_mtime_ns for o in outs]
+    rc, text = array(listing)                       # again: nothing left to do
+    assert rc == 0 and text.count("already exists, nothing to do") == 2, text
+    assert [o.stat().st_mtime_ns for o in outs] == stamps
+
+    clash = tmp_path / "clash.txt"
+    clash.write_text(f"{names[0]}\n{inputs / 'b' / 'first.h5'}\n")
+    shutil.copy(names[1], inputs / "b" / "first.h5")
+    outdir = tmp_path / "out2"
+    rc, text = array(clash)
+    assert rc != 0 and text.count("more than one input would be written to the same output") == 2, text
+    assert "first.scores.h5" in text and not outdir.exists()
