@@ -37,15 +37,22 @@ def sbatch(tmp_path, *args, timeout=600, env=None) -> tuple[int, str]:
     return proc.returncode, (log.read_text() if log.exists() else "") + proc.stderr
 
 
-def test_sbatch_score_matches_one_rank(tmp_path):
+@pytest.mark.parametrize("launch", ["mpiexec", "srun", "multinode"])
+def test_sbatch_score_matches_one_rank(tmp_path, launch):
+    """score.sbatch with mpiexec and with srun (--mpi=pmi2 for the MPICH wheel), and score-multinode.sbatch
+    (a hostfile from the allocation, here of one node), each against the 1-rank run."""
     out, ref = tmp_path / "out.h5", tmp_path / "ref.h5"
     cli("score", "inputs/tiny.h5", ref, "--model", "inputs/tiny-model", "--save-routing", check=True)
     # MOE_MPI_MPS=1 on a machine without MPS: said, and the job runs without it
-    rc, log = sbatch(tmp_path, "--ntasks=9", "slurm/score.sbatch", "inputs/tiny.h5", out,
-                     "--model", "inputs/tiny-model", "--save-routing", "--no-progress", "-T", "128",
-                     env={"MOE_MPI_MPS": "1"})
+    env = {"MOE_MPI_MPS": "1", "MOE_MPI_LAUNCHER": "srun" if launch == "srun" else "mpiexec"}
+    script = ["--nodes=1", "slurm/score-multinode.sbatch"] if launch == "multinode" else ["slurm/score.sbatch"]
+    rc, log = sbatch(tmp_path, "--ntasks=9", *script, "inputs/tiny.h5", out,
+                     "--model", "inputs/tiny-model", "--save-routing", "--no-progress", "-T", "128", env=env)
     assert rc == 0, log
     assert "wrote" in log and "tokens/s" in log
+    running = next(line for line in log.splitlines() if "running: " in line)
+    assert {"mpiexec": "running: mpiexec -n 9 python", "srun": "running: srun --mpi=pmi2 --ntasks=9",
+            "multinode": "running: mpiexec -n 9 -f "}[launch] in running, running
     if shutil.which("nvidia-cuda-mps-control") is None:
         assert "MOE_MPI_MPS=1 but nvidia-cuda-mps-control is not on PATH: running without MPS" in log, log
     got, want = read(out), read(ref)
