@@ -2,11 +2,13 @@
 a message naming file, dataset and problem, exit status 2, no traceback, nothing written."""
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
 
-from conftest import cli, make_tokens, mpirun
+from conftest import cli, make_tokens, mpirun, read
 
 VOCAB, D = 512, 64  # the tiny preset
 
@@ -150,3 +152,61 @@ def test_bad_config(tmp_path):
     bad.write_text('{"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 3}')
     proc = cli("score", path, tmp_path / "out.h5", "--config", bad)
     assert proc.returncode == 2 and "n_group=3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB file system (tmpfs), where the machine lets us mount one."""
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("world", [1, 9])
+def test_output_larger_than_the_disk(tmp_path, small_disk, world):
+    """The output's datasets are allocated when it is created: one larger than the free space is refused
+    then, with both sizes, not by a write failing mid-run; nothing is left on the full disk."""
+    path = tmp_path / "in.h5"
+    make_tokens(path, 200, 64, VOCAB, seed=int(np.random.SeedSequence().entropy % 2**31))
+    out = small_disk / "out.h5"
+    args = ("score", path, out, "--config", "tiny", "--save-hidden")
+    proc = cli(*args) if world == 1 else mpirun(world, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    # 200 x 64 tokens: hidden states 200*64*64*4 B, log-probs 200*64*4 B, the rest and HDF5's metadata small
+    need = re.search(rf"{out}\.partial: needs ([0-9.]+) MB \(its datasets are allocated up front\) but "
+                     rf"{small_disk} has ([0-9.]+) MB free", proc.stderr)
+    assert need and 3.4 <= float(need[1]) <= 3.6 and float(need[2]) == 1.0, proc.stderr
+    assert list(small_disk.iterdir()) == []
+    cli("score", path, out, "--config", "tiny", check=True)       # without hidden states it fits (0.2 MB)
+    assert read(out)["done"].all()
+
+
+def test_failed_create_leaves_nothing(tmp_path, tiny_input, monkeypatch):
+    """A write that fails while the output is created (a disk that fills from elsewhere): a message
+    naming the file, and no .tmp or .partial left."""
+    import errno
+
+    from moe_mpi.config import ModelConfig
+    from moe_mpi.io import outputs
+    from moe_mpi.io.inputs import validate_input
+    from moe_mpi.runtime.job import ScoreOptions
+    made = []
+
+    def fail_second(*a, **kw):
+        if made:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        made.append(a[1])
+        return real(*a, **kw)
+
+    real = outputs._contiguous
+    monkeypatch.setattr(outputs, "_contiguous", fail_second)
+    cfg = ModelConfig.load("tiny")
+    out = tmp_path / "o.h5"
+    opts = ScoreOptions(input=str(tiny_input), output=str(out), config="tiny")
+    with pytest.raises(outputs.OutputError, match=r"o\.h5\.partial\.tmp: cannot be written \(.*No space left"):
+        outputs.OutputFile.create(str(out), cfg, validate_input(str(tiny_input), cfg), opts.output_options())
+    assert made and sorted(p.name for p in tmp_path.iterdir()) == [tiny_input.name]

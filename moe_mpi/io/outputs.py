@@ -112,33 +112,67 @@ def _contiguous(group: h5py.Group, name: str, shape, dtype, fill) -> h5py.Datase
     return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=dcpl, track_times=False)
 
 
+METADATA_BYTES = 64 << 10    # what the file needs beyond its datasets' bytes (about 10 kB), with room to spare
+
+
+def output_datasets(cfg: ModelConfig, spec: InputSpec, opts: OutputOptions) -> dict[str, tuple]:
+    """name -> (shape, dtype, fill value) of every dataset of the output."""
+    N, S, D = spec.n_seqs, spec.seq_len, cfg.hidden_size
+    L, E, K = cfg.n_moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
+    out = {}
+    if spec.mode == "tokens":
+        out["token_logprobs"] = ((N, S), np.float32, np.nan)
+        out["sequence_logprob"] = ((N,), np.float64, np.nan)
+    if opts.save_hidden or spec.mode == "activations":
+        out["hidden"] = ((N, S, D), np.float32, np.nan)
+    if opts.save_routing:
+        out["routing/expert_ids"] = ((L, N, S, K), np.int16, -1)
+    out["expert_load"] = ((L, E), np.int64, 0)
+    out["done"] = ((N,), np.bool_, False)
+    out["lengths"] = ((N,), np.int64, 0)
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 class OutputFile:
     """Owns the ``.partial`` file of one run; only one rank ever opens it."""
 
     @classmethod
     def create(cls, out: str, cfg: ModelConfig, spec: InputSpec, opts: OutputOptions) -> "OutputFile":
+        """A new partial file with every dataset allocated, after checking that the disk holds it: a
+        file system that fills up refuses the run here, before any work, not hours in."""
         path = partial_path(out)
         tmp = f"{path}.tmp"
-        f = h5py.File(tmp, "w")
-        N, S, D = spec.n_seqs, spec.seq_len, cfg.hidden_size
-        L, E, K = cfg.n_moe_layers, cfg.n_routed_experts, cfg.num_experts_per_tok
-        if spec.mode == "tokens":
-            _contiguous(f, "token_logprobs", (N, S), np.float32, np.nan)
-            _contiguous(f, "sequence_logprob", (N,), np.float64, np.nan)
-        if opts.save_hidden or spec.mode == "activations":
-            _contiguous(f, "hidden", (N, S, D), np.float32, np.nan)
-        if opts.save_routing:
-            _contiguous(f.require_group("routing"), "expert_ids", (L, N, S, K), np.int16, -1)
-        _contiguous(f, "expert_load", (L, E), np.int64, 0)
-        _contiguous(f, "done", (N,), np.bool_, False)
-        _contiguous(f, "lengths", (N,), np.int64, 0)[...] = spec.lengths
-        f.attrs.update({
-            "input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": N, "seq_len": S,
-            "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed, "model": opts.model or "",
-            "save_hidden": opts.save_hidden, "save_routing": opts.save_routing, "device": opts.device,
-            "moe_mpi_version": __version__, "complete": False,
-        })
-        f.close()
+        datasets = output_datasets(cfg, spec, opts)
+        need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype, _ in datasets.values())
+        need += METADATA_BYTES + 2 * (spec.n_seqs // 8 + 8 * cfg.n_moe_layers * cfg.n_routed_experts)  # + state file
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        free = fs.f_bavail * fs.f_frsize
+        if need > free:
+            raise OutputError(f"{path}: needs {_size(need)} (its datasets are allocated up front) but "
+                              f"{os.path.dirname(os.path.abspath(path))} has {_size(free)} free")
+        try:
+            with h5py.File(tmp, "w") as f:
+                for name, (shape, dtype, fill) in datasets.items():
+                    group, _, leaf = name.rpartition("/")
+                    _contiguous(f.require_group(group) if group else f, leaf, shape, dtype, fill)
+                f["lengths"][...] = spec.lengths
+                f.attrs.update({
+                    "input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": spec.n_seqs,
+                    "seq_len": spec.seq_len, "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed,
+                    "model": opts.model or "", "save_hidden": opts.save_hidden, "save_routing": opts.save_routing,
+                    "device": opts.device, "moe_mpi_version": __version__, "complete": False,
+                })
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise OutputError(f"{tmp}: cannot be written ({exc}); nothing was kept") from None
         if os.path.exists(state_path(out)):
             os.remove(state_path(out))
         os.replace(tmp, path)  # a kill during creation leaves only the .tmp behind
