@@ -210,3 +210,16 @@ def test_failed_create_leaves_nothing(tmp_path, tiny_input, monkeypatch):
     with pytest.raises(outputs.OutputError, match=r"o\.h5\.partial\.tmp: cannot be written \(.*No space left"):
         outputs.OutputFile.create(str(out), cfg, validate_input(str(tiny_input), cfg), opts.output_options())
     assert made and sorted(p.name for p in tmp_path.iterdir()) == [tiny_input.name]
+
+
+@pytest.mark.parametrize("world", [1, 9])
+def test_input_being_written(tmp_path, world):
+    """An input that another process holds open for writing (HDF5's lock) is refused as that, not as a
+    corrupt file."""
+    path = tmp_path / "in.h5"
+    make_tokens(path, 3, 8, VOCAB, seed=int(np.random.SeedSequence().entropy % 2**31))
+    with h5py.File(path, "r+"):
+        args = ("score", path, tmp_path / "out.h5", "--config", "tiny")
+        proc = cli(*args) if world == 1 else mpirun(world, *args)
+    _check_refused(proc, tmp_path, path, None, "is open for writing in another process")
+    assert "corrupt" not in proc.stderr

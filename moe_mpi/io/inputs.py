@@ -7,6 +7,8 @@ file, the dataset and the problem.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from dataclasses import dataclass
 
@@ -64,7 +66,27 @@ def _open(path: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
+        if held_for_writing(path):
+            raise InputError(path, None, "is open for writing in another process (HDF5's file lock): wait until "
+                                         "the writer closes it") from None
         raise InputError(path, None, f"cannot be opened as HDF5, truncated or corrupt? ({exc})") from None
+
+
+def held_for_writing(path: str) -> bool:
+    """Whether another process holds the file open for writing, as HDF5 shows it: a read-write open
+    takes an exclusive flock, so a shared one cannot be had.  False where HDF5's locking is off
+    (HDF5_USE_FILE_LOCKING=FALSE) or the file system has no flock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)            # closing drops the shared lock, if taken
+    return False
 
 
 def _read(path: str, name: str, ds: h5py.Dataset, sel) -> np.ndarray:

@@ -13,8 +13,6 @@ a job killed outright loses at most that many seconds of work.  The first write 
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import time
@@ -25,7 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import ModelConfig
-from .inputs import InputSpec
+from .inputs import InputSpec, held_for_writing
 
 # Attributes that must match for --resume to continue a partial file.
 IDENTITY_ATTRS = ("input_file", "input_mode", "n_seqs", "seq_len", "config", "dtype", "seed", "model",
@@ -80,29 +78,12 @@ def check_output_path(out: str, in_path: str, *, overwrite: bool, resume: bool) 
     if resume and not os.path.exists(partial):
         raise OutputError(f"{out}: --resume given but {partial} does not exist")
     if os.path.exists(partial):
-        if in_use(partial):
+        if held_for_writing(partial):
             raise OutputError(f"{partial}: is open in another process, likely a job still writing it; "
                               "wait for that job to end (or cancel it), then run again")
         if not resume and not overwrite:
             raise OutputError(f"{partial}: left by an earlier run that did not finish; pass --resume to "
                               "continue it, or --overwrite to discard it and start again")
-
-
-def in_use(path: str) -> bool:
-    """Whether another process holds the file open for writing, as HDF5 shows it: a read-write open
-    takes an exclusive flock, so a shared one cannot be had.  False where HDF5's locking is off
-    (HDF5_USE_FILE_LOCKING=FALSE) or the file system has no flock."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(fd)            # closing drops the shared lock, if taken
-    return False
 
 
 def _contiguous(group: h5py.Group, name: str, shape, dtype, fill) -> h5py.Dataset:
@@ -185,7 +166,7 @@ class OutputFile:
         try:
             f = h5py.File(path, "r+")
         except OSError as exc:
-            if in_use(path):
+            if held_for_writing(path):
                 raise OutputError(f"{path}: is open in another process, likely a job still writing it; wait "
                                   "for that job to end (or cancel it), then resume") from None
             raise OutputError(f"{path}: cannot be opened to resume ({exc}); run with --overwrite to discard "
