@@ -58,7 +58,7 @@ def main(verbose: bool) -> None:
 @click.option("--save-hidden", is_flag=True, help="Also write the final hidden states.")
 @click.option("--save-routing", is_flag=True, help="Also write every token's chosen experts.")
 @click.option("--resume", is_flag=True, help="Continue OUT.h5.partial, computing only sequences not done.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.h5.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.h5, or discard an unfinished OUT.h5.partial.")
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
               help="Write a Chrome/Perfetto trace of every rank's compute, send and wait spans.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
