@@ -146,6 +146,30 @@ def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
     assert read(out)["done"].all()
 
 
+def test_inspect_partial_reports_committed_sequences(tmp_path, tiny_input):
+    """`inspect` on a partial output counts what the commit record says is done (the truth; the HDF5
+    copy can be a write behind after a kill), also while another process holds the file open."""
+    from moe_mpi.io.outputs import SeqResult
+    cfg = ModelConfig.load("tiny")
+    out = tmp_path / "o.h5"
+    spec = validate_input(str(tiny_input), cfg)
+    opts = ScoreOptions(input=str(tiny_input), output=str(out), config="tiny")
+    part = OutputFile.create(str(out), cfg, spec, opts.output_options())
+    rng = np.random.default_rng()
+    done = sorted(rng.choice(spec.n_seqs, size=3, replace=False).tolist())
+    part.write([SeqResult(s, int(spec.lengths[s]), rng.standard_normal(int(spec.lengths[s])).astype(np.float32),
+                          None, None) for s in done], np.ones((cfg.n_moe_layers, cfg.n_routed_experts), np.int64))
+    part.f["done"][...] = False                 # killed after the commit record, before the HDF5 copy
+    part.close()
+    partial = f"{out}.partial"
+    proc = cli("inspect", partial, check=True)
+    assert f"done: 3 of {spec.n_seqs} sequences committed (o.h5.partial.state.npz)" in proc.stdout, proc.stdout
+    assert "still running" not in proc.stdout
+    with h5py.File(partial, "r+"):
+        proc = cli("inspect", partial, check=True)
+    assert "a job still running" in proc.stdout and f"done: 3 of {spec.n_seqs}" in proc.stdout, proc.stdout
+
+
 def test_resume_of_half_done_output(tmp_path, tiny_input):
     """A partial file with some micro-batches done: --resume computes only the rest, and the result is
     bitwise identical to an uninterrupted run."""

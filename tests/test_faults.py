@@ -3,6 +3,7 @@ None may hang; every one ends with a message naming what happened; resumed outpu
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,6 +163,10 @@ def test_hung_expert_hits_deadline(job):
     wait_until_scoring(p, out)
     os.kill(pids[4], signal.SIGSTOP)            # alive but silent: expert 2 of MoE layer 0
     try:
+        # meanwhile a user looks at the job's progress: its partial output is held open for writing
+        look = cli("inspect", f"{out}.partial")
+        assert look.returncode == 0 and "a job still running" in look.stdout, look.stdout + look.stderr
+        assert re.search(r"done: \d+ of 600 sequences committed", look.stdout), look.stdout
         rc, err, took = finish(p)
     finally:
         try:

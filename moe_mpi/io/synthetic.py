@@ -40,15 +40,32 @@ def make_inputs(path: str, cfg: ModelConfig, *, sequences: int, seq_len: int, ra
 
 
 def describe(path: str) -> str:
-    """What an HDF5 file holds, for people: datasets, shapes, dtypes, attributes, completion."""
+    """What an HDF5 file holds, for people: datasets, shapes, dtypes, attributes, completion.  A partial
+    output that a running job holds open is read without HDF5's lock (its layout never changes during a
+    run; values may be mid-write), and its progress comes from the commit record beside it."""
+    from .inputs import held_for_writing
+
     lines = [path]
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        if not held_for_writing(path):
+            raise
+        f = h5py.File(path, "r", locking=False)
+        lines.append("  (open for writing in another process, a job still running: read without HDF5's lock)")
+    with f:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 extra = f" attrs={dict(obj.attrs)}" if obj.attrs else ""
                 lines.append(f"  {name:28s} {str(obj.shape):22s} {obj.dtype}{extra}")
         f.visititems(visit)
-        if "done" in f:
+        state = f"{path}.state.npz"     # OUT.h5.partial -> OUT.h5.partial.state.npz
+        if "done" in f and path.endswith(".partial") and os.path.exists(state):
+            with np.load(state) as st:
+                n = f["done"].shape[0]
+                done = np.unpackbits(st["done"], count=n).astype(bool)
+            lines.append(f"  done: {int(done.sum())} of {n} sequences committed ({os.path.basename(state)})")
+        elif "done" in f:
             done = f["done"][...]
             lines.append(f"  done: {int(done.sum())} of {done.size} sequences")
         for k in sorted(f.attrs):
