@@ -18,7 +18,7 @@ from moe_mpi.model.transformer import Batch, LocalExperts, drive
 from moe_mpi.model.weights import build_all_experts, build_front
 from moe_mpi.runtime.job import ScoreOptions
 
-from conftest import cli, make_tokens, read
+from conftest import cli, read
 
 
 def reference_logprobs(cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -110,21 +110,27 @@ def test_refuses_to_overwrite(tmp_path, tiny_input):
     cli("score", tiny_input, out, "--config", "tiny", "--overwrite", check=True)
 
 
-def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
-    """A .partial left by an unfinished run is hours of work: a run without --resume or --overwrite
-    refuses to replace it, and no run touches one that another process holds open (a job still
-    writing it), whatever the flags."""
-    from moe_mpi.io.outputs import SeqResult, state_path
+def _partial(out, tiny_input, seqs) -> OutputFile:
+    """OUT.h5.partial of the tiny input with random results for seqs written and committed (open)."""
+    from moe_mpi.io.outputs import SeqResult
     cfg = ModelConfig.load("tiny")
-    out = tmp_path / "o.h5"
     spec = validate_input(str(tiny_input), cfg)
     opts = ScoreOptions(input=str(tiny_input), output=str(out), config="tiny")
     part = OutputFile.create(str(out), cfg, spec, opts.output_options())
     rng = np.random.default_rng()
-    n = int(spec.lengths[3])
-    part.write([SeqResult(3, n, rng.standard_normal(n).astype(np.float32), None, None)],
+    part.write([SeqResult(s, int(spec.lengths[s]), rng.standard_normal(int(spec.lengths[s])).astype(np.float32),
+                          None, None) for s in seqs],
                rng.integers(1, 9, size=(cfg.n_moe_layers, cfg.n_routed_experts)))
-    part.close()
+    return part
+
+
+def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
+    """A .partial left by an unfinished run is hours of work: a run without --resume or --overwrite
+    refuses to replace it, and no run touches one that another process holds open (a job still
+    writing it), whatever the flags."""
+    from moe_mpi.io.outputs import state_path
+    out = tmp_path / "o.h5"
+    _partial(out, tiny_input, [3]).close()
     partial, state = tmp_path / "o.h5.partial", tmp_path / "o.h5.partial.state.npz"
     assert str(state) == state_path(str(out))
     before = partial.read_bytes(), state.read_bytes()
@@ -149,16 +155,9 @@ def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
 def test_inspect_partial_reports_committed_sequences(tmp_path, tiny_input):
     """`inspect` on a partial output counts what the commit record says is done (the truth; the HDF5
     copy can be a write behind after a kill), also while another process holds the file open."""
-    from moe_mpi.io.outputs import SeqResult
-    cfg = ModelConfig.load("tiny")
     out = tmp_path / "o.h5"
-    spec = validate_input(str(tiny_input), cfg)
-    opts = ScoreOptions(input=str(tiny_input), output=str(out), config="tiny")
-    part = OutputFile.create(str(out), cfg, spec, opts.output_options())
-    rng = np.random.default_rng()
-    done = sorted(rng.choice(spec.n_seqs, size=3, replace=False).tolist())
-    part.write([SeqResult(s, int(spec.lengths[s]), rng.standard_normal(int(spec.lengths[s])).astype(np.float32),
-                          None, None) for s in done], np.ones((cfg.n_moe_layers, cfg.n_routed_experts), np.int64))
+    part = _partial(out, tiny_input, np.random.default_rng().choice(10, size=3, replace=False).tolist())
+    spec = part.spec
     part.f["done"][...] = False                 # killed after the commit record, before the HDF5 copy
     part.close()
     partial = f"{out}.partial"

@@ -55,10 +55,8 @@ def test_sbatch_score_matches_one_rank(tmp_path, launch):
             "multinode": "running: mpiexec -n 9 -f "}[launch] in running, running
     if shutil.which("nvidia-cuda-mps-control") is None:
         assert "MOE_MPI_MPS=1 but nvidia-cuda-mps-control is not on PATH: running without MPS" in log, log
+    _matches_one_rank(out, ref)
     got, want = read(out), read(ref)
-    lp, wl = got["token_logprobs"], want["token_logprobs"]
-    assert np.array_equal(np.isnan(lp), np.isnan(wl))
-    np.testing.assert_allclose(lp[~np.isnan(lp)], wl[~np.isnan(wl)], atol=1e-5, rtol=0)
     assert np.array_equal(got["routing/expert_ids"], want["routing/expert_ids"])
     assert got["attrs"]["world_size"] == 9
 
