@@ -152,6 +152,48 @@ def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
     assert read(out)["done"].all()
 
 
+def test_resume_knows_the_input_by_its_contents(tmp_path, tiny_input):
+    """--resume continues from a copy of the input at another path (a node's scratch disk), and refuses
+    an input rewritten in place since the partial was made, even with the same shapes."""
+    ref = tmp_path / "ref.h5"
+    cli("score", tiny_input, ref, "--config", "tiny", check=True)
+    moved = tmp_path / "scratch" / "copy.h5"
+    moved.parent.mkdir()
+    shutil.copy(tiny_input, moved)
+    out = tmp_path / "o.h5"
+    _partial(out, tiny_input, []).close()
+    cli("score", moved, out, "--config", "tiny", "--resume", check=True)
+    assert np.array_equal(read(out)["token_logprobs"], read(ref)["token_logprobs"], equal_nan=True)
+
+    _partial(out, tiny_input, [2]).close()
+    with h5py.File(tiny_input, "r+") as f:     # one token changed, inside sequence 0
+        f["tokens"][0, 0] = (f["tokens"][0, 0] + 1) % 512
+    before = (tmp_path / "o.h5.partial").read_bytes()
+    proc = cli("score", tiny_input, out, "--config", "tiny", "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{tiny_input} does not hold the input it was made from" in proc.stderr, proc.stderr
+    assert (tmp_path / "o.h5.partial").read_bytes() == before
+
+
+def test_input_digest(tmp_path, tiny_input):
+    """The digest is of contents: equal for a copy, different for any one changed element, padding too."""
+    cfg = ModelConfig.load("tiny")
+    copy = tmp_path / "copy.h5"
+    shutil.copy(tiny_input, copy)
+    first = validate_input(str(tiny_input), cfg).sha256
+    assert len(first) == 64 and validate_input(str(copy), cfg).sha256 == first
+    with h5py.File(copy, "r+") as f:
+        n, S = int(f["lengths"][-1]), f["tokens"].shape[1]
+        f["lengths"][-1] = n - 1 if n > 1 else n + 1
+    assert validate_input(str(copy), cfg).sha256 != first
+    shutil.copy(tiny_input, copy)
+    with h5py.File(copy, "r+") as f:
+        i = int(np.argmin(f["lengths"][...]))
+        assert f["lengths"][i] < S
+        f["tokens"][i, S - 1] = (f["tokens"][i, S - 1] + 1) % 512      # padding
+    assert validate_input(str(copy), cfg).sha256 != first
+
+
 def test_inspect_partial_reports_committed_sequences(tmp_path, tiny_input):
     """`inspect` on a partial output counts what the commit record says is done (the truth; the HDF5
     copy can be a write behind after a kill), also while another process holds the file open."""

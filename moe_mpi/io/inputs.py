@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -38,6 +40,7 @@ class InputSpec:
     seq_len: int
     lengths: np.ndarray       # (N,) int64
     act_dtype: str | None     # activations only: float32, float16 or bfloat16
+    sha256: str = ""          # of the dataset's shape, dtype and bytes and of the lengths (what --resume checks)
 
     @property
     def dataset(self) -> str:
@@ -140,24 +143,42 @@ def _validate(path: str, cfg: ModelConfig) -> InputSpec:
 
         lengths = _lengths(path, f, N, S)
 
-        # Scan the valid region block by block: ids in range / values finite.  Padding is not looked at.
-        row_elems = int(np.prod(ds.shape[1:]))
-        for lo, hi in _blocks(N, row_elems):
-            block = _read(path, mode, ds, np.s_[lo:hi])
-            valid = np.arange(S)[None, :] < lengths[lo:hi, None]
-            if mode == "tokens":
-                bad = valid & ((block < 0) | (block >= cfg.vocab_size))
-                if bad.any():
-                    r, c = np.argwhere(bad)[0]
-                    raise InputError(path, mode, f"token id {block[r, c]} at [{lo + r}, {c}] is outside the "
-                                                 f"vocabulary [0, {cfg.vocab_size})")
-            else:
-                values = decode_activations(block, act_dtype).float().numpy()
-                bad = valid & ~np.isfinite(values).all(axis=-1)
-                if bad.any():
-                    r, c = np.argwhere(bad)[0]
-                    raise InputError(path, mode, f"non-finite value (NaN or Inf) at sequence {lo + r}, position {c}")
-    return InputSpec(path=path, mode=mode, n_seqs=N, seq_len=S, lengths=lengths, act_dtype=act_dtype)
+        # One pass checks the valid region (padding is not looked at) and digests everything: sha256 lets
+        # go of the GIL, so a second thread hashes one block while this one checks the next.
+        digest = hashlib.sha256(f"{mode} {ds.shape} {ds.dtype.str}\n".encode())
+        digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
+        with ThreadPoolExecutor(1, thread_name_prefix="input-digest") as hasher:
+            _scan(path, cfg, mode, ds, lengths, act_dtype, digest, hasher)
+    return InputSpec(path=path, mode=mode, n_seqs=N, seq_len=S, lengths=lengths, act_dtype=act_dtype,
+                     sha256=digest.hexdigest())
+
+
+def _scan(path: str, cfg: ModelConfig, mode: str, ds: h5py.Dataset, lengths: np.ndarray, act_dtype: str | None,
+          digest, hasher: ThreadPoolExecutor) -> None:
+    """Ids in range / values finite in the valid region, block by block; every block into the digest."""
+    N, S = ds.shape[:2]
+    hashed = None
+    row_elems = int(np.prod(ds.shape[1:]))
+    for lo, hi in _blocks(N, row_elems):
+        block = np.ascontiguousarray(_read(path, mode, ds, np.s_[lo:hi]))
+        if hashed is not None:
+            hashed.result()             # at most two blocks in memory
+        hashed = hasher.submit(digest.update, block.data)
+        valid = np.arange(S)[None, :] < lengths[lo:hi, None]
+        if mode == "tokens":
+            bad = valid & ((block < 0) | (block >= cfg.vocab_size))
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise InputError(path, mode, f"token id {block[r, c]} at [{lo + r}, {c}] is outside the "
+                                             f"vocabulary [0, {cfg.vocab_size})")
+        else:
+            values = decode_activations(block, act_dtype).float().numpy()
+            bad = valid & ~np.isfinite(values).all(axis=-1)
+            if bad.any():
+                r, c = np.argwhere(bad)[0]
+                raise InputError(path, mode, f"non-finite value (NaN or Inf) at sequence {lo + r}, position {c}")
+    if hashed is not None:
+        hashed.result()
 
 
 def _activation_dtype(path: str, ds: h5py.Dataset) -> str:

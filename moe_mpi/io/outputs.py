@@ -25,9 +25,13 @@ from .. import __version__
 from ..config import ModelConfig
 from .inputs import InputSpec, held_for_writing
 
-# Attributes that must match for --resume to continue a partial file.
-IDENTITY_ATTRS = ("input_file", "input_mode", "n_seqs", "seq_len", "config", "dtype", "seed", "model",
-                  "save_hidden", "save_routing")
+def identity(cfg: ModelConfig, spec: InputSpec, opts: "OutputOptions") -> dict:
+    """The attributes that must match for --resume to continue a partial file.  The input is known by
+    its contents, not its path: a file copied to another place (a node's scratch disk) still resumes, one
+    rewritten in place does not."""
+    return {"input_sha256": spec.sha256, "input_mode": spec.mode, "n_seqs": spec.n_seqs, "seq_len": spec.seq_len,
+            "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed, "model": opts.model or "",
+            "save_hidden": opts.save_hidden, "save_routing": opts.save_routing}
 
 
 class OutputError(ValueError):
@@ -144,12 +148,8 @@ class OutputFile:
                     group, _, leaf = name.rpartition("/")
                     _contiguous(f.require_group(group) if group else f, leaf, shape, dtype, fill)
                 f["lengths"][...] = spec.lengths
-                f.attrs.update({
-                    "input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": spec.n_seqs,
-                    "seq_len": spec.seq_len, "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed,
-                    "model": opts.model or "", "save_hidden": opts.save_hidden, "save_routing": opts.save_routing,
-                    "device": opts.device, "moe_mpi_version": __version__, "complete": False,
-                })
+                f.attrs.update({**identity(cfg, spec, opts), "input_file": os.path.realpath(spec.path),
+                                "device": opts.device, "moe_mpi_version": __version__, "complete": False})
         except OSError as exc:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -171,19 +171,23 @@ class OutputFile:
                                   "for that job to end (or cancel it), then resume") from None
             raise OutputError(f"{path}: cannot be opened to resume ({exc}); run with --overwrite to discard "
                               "it and start again") from None
-        want = {"input_file": os.path.realpath(spec.path), "input_mode": spec.mode, "n_seqs": spec.n_seqs,
-                "seq_len": spec.seq_len, "config": cfg.to_json(), "dtype": opts.dtype, "seed": opts.seed,
-                "model": opts.model or "", "save_hidden": opts.save_hidden, "save_routing": opts.save_routing}
-        for key in IDENTITY_ATTRS:
+        for key, want in identity(cfg, spec, opts).items():
             have = f.attrs.get(key)
             if isinstance(have, bytes):
                 have = have.decode()
             if isinstance(have, np.generic):
                 have = have.item()
-            if have != want[key]:
-                f.close()
-                raise OutputError(f"{path}: cannot resume, it was made with {key}={have!r} but this run has "
-                                  f"{key}={want[key]!r}")
+            if have == want:
+                continue
+            made_from = f.attrs.get("input_file", b"")
+            f.close()
+            if key == "input_sha256":
+                made_from = made_from.decode() if isinstance(made_from, bytes) else str(made_from)
+                raise OutputError(f"{path}: cannot resume, {spec.path} does not hold the input it was made from "
+                                  f"({made_from}, contents sha256 {str(have)[:12]}..., now {want[:12]}...); run "
+                                  "with --overwrite to start again")
+            raise OutputError(f"{path}: cannot resume, it was made with {key}={have!r} but this run has "
+                              f"{key}={want!r}")
         self = cls(f, out, cfg, spec)
         # The side file is the truth; the HDF5 copies of done/expert_load may be a write behind.
         f["done"][...] = self.done
