@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +21,8 @@ import torch
 
 from ..config import ModelConfig
 
-SCAN_ELEMENTS = 1 << 24  # elements read per block while scanning a dataset
+SCAN_ELEMENTS = 1 << 24  # elements read per block while scanning a dataset (and per block of its digest)
+HASH_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) - 1))   # beside the one that checks
 
 
 class InputError(ValueError):
@@ -143,11 +145,12 @@ def _validate(path: str, cfg: ModelConfig) -> InputSpec:
 
         lengths = _lengths(path, f, N, S)
 
-        # One pass checks the valid region (padding is not looked at) and digests everything: sha256 lets
-        # go of the GIL, so a second thread hashes one block while this one checks the next.
+        # One pass checks the valid region (padding is not looked at) and digests everything.  The digest
+        # is the sha256 of the header, the lengths and each scan block's sha256, so that blocks hash in
+        # threads beside the check (sha256 lets go of the GIL): blocks are part of its definition.
         digest = hashlib.sha256(f"{mode} {ds.shape} {ds.dtype.str}\n".encode())
         digest.update(np.ascontiguousarray(lengths, dtype="<i8").tobytes())
-        with ThreadPoolExecutor(1, thread_name_prefix="input-digest") as hasher:
+        with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="input-digest") as hasher:
             _scan(path, cfg, mode, ds, lengths, act_dtype, digest, hasher)
     return InputSpec(path=path, mode=mode, n_seqs=N, seq_len=S, lengths=lengths, act_dtype=act_dtype,
                      sha256=digest.hexdigest())
@@ -157,13 +160,13 @@ def _scan(path: str, cfg: ModelConfig, mode: str, ds: h5py.Dataset, lengths: np.
           digest, hasher: ThreadPoolExecutor) -> None:
     """Ids in range / values finite in the valid region, block by block; every block into the digest."""
     N, S = ds.shape[:2]
-    hashed = None
+    hashed: deque = deque()
     row_elems = int(np.prod(ds.shape[1:]))
     for lo, hi in _blocks(N, row_elems):
         block = np.ascontiguousarray(_read(path, mode, ds, np.s_[lo:hi]))
-        if hashed is not None:
-            hashed.result()             # at most two blocks in memory
-        hashed = hasher.submit(digest.update, block.data)
+        hashed.append(hasher.submit(_sha256, block.data))
+        if len(hashed) > HASH_THREADS:  # blocks in memory: the threads' and this one
+            digest.update(hashed.popleft().result())
         valid = np.arange(S)[None, :] < lengths[lo:hi, None]
         if mode == "tokens":
             bad = valid & ((block < 0) | (block >= cfg.vocab_size))
@@ -177,8 +180,12 @@ def _scan(path: str, cfg: ModelConfig, mode: str, ds: h5py.Dataset, lengths: np.
             if bad.any():
                 r, c = np.argwhere(bad)[0]
                 raise InputError(path, mode, f"non-finite value (NaN or Inf) at sequence {lo + r}, position {c}")
-    if hashed is not None:
-        hashed.result()
+    while hashed:
+        digest.update(hashed.popleft().result())
+
+
+def _sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _activation_dtype(path: str, ds: h5py.Dataset) -> str:
