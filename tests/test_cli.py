@@ -18,7 +18,7 @@ from moe_mpi.model.transformer import Batch, LocalExperts, drive
 from moe_mpi.model.weights import build_all_experts, build_front
 from moe_mpi.runtime.job import ScoreOptions
 
-from conftest import cli, read
+from conftest import REPO, cli, env, make_tokens, read
 
 
 def reference_logprobs(cfg: ModelConfig, tokens: np.ndarray, lengths: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -322,3 +322,24 @@ def test_warm_up_size_is_the_largest_micro_batch_row():
     assert warm_up_size(prep, replace(opts, micro_batch_tokens=100), cfg) == 30  # the longest sequence
     short = replace(cfg, max_position_embeddings=20)
     assert warm_up_size(prep, replace(opts, micro_batch_tokens=100), short) == 20  # the model's positions
+
+
+def test_progress_in_a_batch_log(tmp_path):
+    """Into a log file (stderr not a terminal) the progress bar is a plain ASCII line every
+    MOE_MPI_PROGRESS_INTERVAL seconds (default 60), not ten a second."""
+    import sys
+    path = tmp_path / "in.h5"
+    make_tokens(path, 2000, 64, 512, seed=int(np.random.SeedSequence().entropy % 2**31))
+
+    def progress_lines(**extra) -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "moe_mpi", "score", path, tmp_path / "o.h5", "--config", "tiny",
+                               "-T", "128", "--overwrite"], capture_output=True, text=True, timeout=300,
+                              env={**env(), **extra}, cwd=REPO, check=True)
+        assert "\r" not in proc.stderr
+        return [line for line in proc.stderr.splitlines() if line.startswith("score:")]
+
+    default = progress_lines()
+    assert 1 <= len(default) <= 2, default          # the first line, and one more if a minute went by
+    every = progress_lines(MOE_MPI_PROGRESS_INTERVAL="0")
+    assert len(every) >= 10, every
+    assert all(line.isascii() for line in every), every

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from mpi4py import MPI
-from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..io.inputs import InputReader
@@ -36,8 +35,8 @@ from ..model.transformer import FrontModel
 from ..model.weights import build_expert, build_front
 from ..parallel.partition import WorkPlan
 from ..parallel.topology import Communicators, Layout, Role
-from .job import (PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, warm_up_expert, warm_up_front,
-                  warm_up_size)
+from .job import (PendingResults, Prepared, ScoreOptions, checkpoint, make_batch, progress_bar, warm_up_expert,
+                  warm_up_front, warm_up_size)
 from .interrupt import StopControl
 from .metrics import Backoff, Recorder
 
@@ -116,7 +115,7 @@ class Writer:
         self.ctx, self.out = ctx, out
         self.fronts_left = ctx.layout.n_fronts - 1
         self.incoming: deque = deque()     # receives of matched messages, in matching order
-        self.bar = tqdm(total=n_tokens, unit="tok", desc="score", leave=False, disable=not ctx.opts.progress)
+        self.bar = progress_bar(n_tokens, ctx.opts.progress)
 
     def write(self, results, load) -> None:
         with self.ctx.rec.span("write", "io", sequences=len(results)):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .. import __version__
 from ..config import ModelConfig
@@ -191,6 +193,16 @@ def seq_results(front: FrontModel, batch: Batch, seqs: np.ndarray, res: FrontRes
                 save_hidden: bool, save_routing: bool) -> list[SeqResult]:
     """Split a micro-batch's result into per-sequence rows for the output file (waits for the device)."""
     return PendingResults(front, batch, seqs, res, save_hidden=save_hidden, save_routing=save_routing).get()
+
+
+def progress_bar(total_tokens: int, enabled: bool) -> tqdm:
+    """The progress bar of the rank that writes: tqdm's on a terminal; into a batch log (stderr not a
+    terminal) a plain line every MOE_MPI_PROGRESS_INTERVAL seconds (default 60) instead of ten a
+    second, which over a day-long job made a log of hundreds of thousands of lines."""
+    tty = sys.stderr.isatty()
+    interval = 0.1 if tty else float(os.environ.get("MOE_MPI_PROGRESS_INTERVAL", "60"))
+    return tqdm(total=total_tokens, unit="tok", desc="score", leave=False, disable=not enabled, ascii=not tty,
+                mininterval=interval, maxinterval=max(interval, 10.0))
 
 
 def run_attributes(opts: ScoreOptions, cfg: ModelConfig, *, world_size: int, mpi_version: str,

@@ -6,13 +6,12 @@ import logging
 import time
 
 import torch
-from tqdm import tqdm
 
 from ..model.transformer import LocalExperts, drive
 from ..model.weights import build_all_experts, build_front
 from ..io.inputs import InputReader
-from .job import (Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, run_attributes, seq_results,
-                  warm_up_expert, warm_up_front, warm_up_size)
+from .job import (Interrupted, ScoreOptions, checkpoint, load_config, make_batch, prepare, progress_bar,
+                  run_attributes, seq_results, warm_up_expert, warm_up_front, warm_up_size)
 
 log = logging.getLogger("moe_mpi")
 
@@ -35,8 +34,7 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
         log.info("scoring %d tokens of %s in one process, %d micro-batches", n_tokens, opts.input,
                  len(plan.steps))
         t0 = time.perf_counter()
-        with torch.inference_mode(), tqdm(total=n_tokens, unit="tok", disable=not opts.progress,
-                                          desc="score", leave=False) as bar:
+        with torch.inference_mode(), progress_bar(n_tokens, opts.progress) as bar:
             for seqs in plan.per_front[0].values():
                 if interrupt is not None and interrupt.signum:
                     out.commit()
