@@ -107,6 +107,9 @@ def test_refuses_to_overwrite(tmp_path, tiny_input):
     proc = cli("score", tiny_input, out, "--config", "tiny")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert out.read_bytes() == before
+    proc = cli("score", tiny_input, out, "--config", "tiny", "--resume")
+    assert proc.returncode == 2 and "is complete already" in proc.stderr and "--overwrite" in proc.stderr
+    assert out.read_bytes() == before
     cli("score", tiny_input, out, "--config", "tiny", "--overwrite", check=True)
 
 

@@ -80,6 +80,9 @@ def check_output_path(out: str, in_path: str, *, overwrite: bool, resume: bool) 
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
     partial = partial_path(out)
     if resume and not os.path.exists(partial):
+        if os.path.exists(out):
+            raise OutputError(f"{out}: is complete already, there is no {partial} to resume; pass --overwrite "
+                              "(without --resume) to redo it")
         raise OutputError(f"{out}: --resume given but {partial} does not exist")
     if os.path.exists(partial):
         if held_for_writing(partial):
