@@ -153,3 +153,31 @@ def test_sbatch_array_scores_each_input_once(tmp_path):
     rc, text = array(clash)
     assert rc != 0 and text.count("more than one input would be written to the same output") == 2, text
     assert "first.scores.h5" in text and not outdir.exists()
+
+
+@pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
+def test_multinode_hostfile(tmp_path, mpi):
+    """score-multinode.sbatch's hostfile for an allocation of several nodes with uneven task counts
+    (Slurm's compressed SLURM_TASKS_PER_NODE), in MPICH's and Open MPI's formats, handed to score.sbatch
+    and removed afterwards.  Fake allocation, stub score.sbatch and mpiexec: no nodes needed."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "score.sbatch").write_text('echo "args: $*"; echo "hostfile: $MOE_MPI_HOSTFILE"; cat "$MOE_MPI_HOSTFILE"\n')
+    (stub / "mpiexec").write_text("#!/bin/sh\necho '" + ("mpirun (Open MPI) 4.1.6" if mpi == "openmpi" else
+                                                         "HYDRA build details:") + "'\n")
+    (stub / "mpiexec").chmod(0o755)
+    env = {**os.environ, "SLURM_JOB_NODELIST": "gpu[01-03],cpu7", "SLURM_TASKS_PER_NODE": "8(x3),2",
+           "SLURM_JOB_ID": f"9{os.getpid()}", "MOE_MPI_SLURM_DIR": str(stub), "MOE_MPI_MPIEXEC": str(stub / "mpiexec"),
+           "MOE_MPI_VENV": str(tmp_path / "no-venv"), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", "slurm/score-multinode.sbatch", "in.h5", "out.h5", "--config", "x"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    sep = " slots=" if mpi == "openmpi" else ":"
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "args: in.h5 out.h5 --config x"
+    assert lines[2:] == [f"gpu01{sep}8", f"gpu02{sep}8", f"gpu03{sep}8", f"cpu7{sep}2"], proc.stdout
+    assert not Path(lines[1].split(": ", 1)[1]).exists()          # removed at the end
+
+    bad = subprocess.run(["bash", "slurm/score-multinode.sbatch", "in.h5", "out.h5"], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, env={**env, "SLURM_TASKS_PER_NODE": "8(x2),2"})
+    assert bad.returncode == 2 and "does not match the 4 nodes" in bad.stderr, bad.stderr
