@@ -127,6 +127,39 @@ def _partial(out, tiny_input, seqs) -> OutputFile:
     return part
 
 
+def test_commit_syncs_data_before_the_record(tmp_path, tiny_input, monkeypatch):
+    """A node that crashes loses what its page cache held: each commit syncs the output's data to the disk
+    before the record that calls them done, and the end syncs the file before renaming it complete,
+    then its directory."""
+    import os as _os
+    from moe_mpi.io import outputs
+    events = []
+    real_fsync, real_replace = _os.fsync, _os.replace
+
+    def fsync(fd):
+        events.append(("fsync", _os.path.basename(_os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("rename", _os.path.basename(str(a)), _os.path.basename(str(b))))
+        real_replace(a, b)
+
+    out = tmp_path / "o.h5"
+    part = _partial(out, tiny_input, [])        # created, nothing committed yet
+    monkeypatch.setattr(outputs.os, "fsync", fsync)
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    part.commit_interval = 0.0
+    from moe_mpi.io.outputs import SeqResult
+    n = int(part.spec.lengths[4])
+    part.write([SeqResult(4, n, np.random.default_rng().standard_normal(n).astype(np.float32), None, None)],
+               np.ones((part.cfg.n_moe_layers, part.cfg.n_routed_experts), np.int64))
+    assert events == [("fsync", "o.h5.partial"), ("fsync", "o.h5.partial.state.npz.tmp.npz"),
+                      ("rename", "o.h5.partial.state.npz.tmp.npz", "o.h5.partial.state.npz")], events
+    events.clear()
+    part.finish({})
+    assert events == [("fsync", "o.h5.partial"), ("rename", "o.h5.partial", "o.h5"), ("fsync", tmp_path.name)], events
+
+
 def test_leftover_partial_needs_resume_or_overwrite(tmp_path, tiny_input):
     """A .partial left by an unfinished run is hours of work: a run without --resume or --overwrite
     refuses to replace it, and no run touches one that another process holds open (a job still

@@ -3,11 +3,12 @@
 Crash safety: every dataset is contiguous and allocated (with its fill value) when the file is
 created, so during the run the file's metadata never changes -- a run only overwrites preallocated
 bytes.  The commit record of which sequences are done, and the expert load they caused, lives in a
-small side file (``OUT.h5.partial.state.npz``) replaced atomically after their data are flushed.  A
-job killed at any moment thus leaves a readable ``.partial`` whose committed sequences are complete;
-``--resume`` recomputes the rest and counts their expert load exactly once.
+small side file (``OUT.h5.partial.state.npz``) replaced atomically after their data are flushed and
+synced to the disk.  A job killed at any moment, or a node that crashes with writes in its page cache,
+thus leaves a readable ``.partial`` whose committed sequences are complete; ``--resume`` recomputes
+the rest and counts their expert load exactly once.  The complete file is synced before its rename.
 
-A commit costs a flush and an fsync (milliseconds), so finished sequences are committed at most every
+A commit costs a flush and two fsyncs (milliseconds on a local disk), so finished sequences are committed at most every
 ``commit_interval`` seconds (``--commit-interval``), and always on a clean stop (signal) and at the end:
 a job killed outright loses at most that many seconds of work.  The first write commits at once.
 """
@@ -119,6 +120,14 @@ def output_datasets(cfg: ModelConfig, spec: InputSpec, opts: OutputOptions) -> d
     out["done"] = ((N,), np.bool_, False)
     out["lengths"] = ((N,), np.int64, 0)
     return out
+
+
+def _sync_directory(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _size(n: int) -> str:
@@ -251,12 +260,14 @@ class OutputFile:
         return int(self.done.sum()) + len(self._pending_seqs)
 
     def commit(self) -> None:
-        """Flush the data written so far, then mark those sequences done (the order that makes a kill safe)."""
+        """Flush the data written so far and sync it to the disk, then mark those sequences done: the order
+        that makes a kill safe, and a node's crash (its page cache lost, the job requeued elsewhere)."""
         self._last_commit = time.monotonic()
         if not self._pending_seqs and self._pending_load is None:
             return
         f = self.f
         f.flush()
+        self._sync()
         self.done[self._pending_seqs] = True
         if self._pending_load is not None:
             self.load += self._pending_load
@@ -272,10 +283,16 @@ class OutputFile:
         for k, v in attrs.items():
             self.f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else (str(v) if isinstance(v, str) else v)
         self.f.attrs["complete"] = True
+        self.f.flush()
+        self._sync()                    # all on the disk before the name says complete
         self.f.close()
         os.replace(self.path, self.out)
+        _sync_directory(self.out)       # and the new name too
         if os.path.exists(state_path(self.out)):
             os.remove(state_path(self.out))
+
+    def _sync(self) -> None:
+        os.fsync(self.f.id.get_vfd_handle())
 
     def close(self) -> None:
         if self.f.id.valid:
