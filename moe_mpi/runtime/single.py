@@ -26,8 +26,11 @@ def score_single(opts: ScoreOptions, mpi_version: str = "none", interrupt=None) 
         experts = LocalExperts(build_all_experts(cfg, **kw))
         n = warm_up_size(prep, opts, cfg)
         warm_up_front(front, cfg, prep.spec.mode, device, n)    # before the clock, as the distributed run
-        if experts.experts and experts.experts[0]:              # one expert: the kernels are per process
-            warm_up_expert(experts.experts[0][0], cfg, opts.torch_dtype, device, tokens=n)
+        # Triton compiles once per process, but on CUDA each expert captures its own graphs (kernels.py),
+        # and a capture synchronises the device: every expert warms up, as each expert rank does.
+        warm = [mlp for layer in experts.experts for mlp in layer]
+        for mlp in warm if device.type == "cuda" else warm[:1]:
+            warm_up_expert(mlp, cfg, opts.torch_dtype, device, tokens=n)
         plan = prep.plan(1, opts.micro_batch_tokens)
         reader = InputReader(prep.spec)
         n_tokens = prep.tokens_in(plan)
