@@ -249,6 +249,22 @@ def test_sigterm_then_resume(job, clean):
          "sequences saved; --resume bit-identical to a clean run")
 
 
+def test_ctrl_c_stops_cleanly(job):
+    """Ctrl-C at mpiexec (hydra passes SIGINT to every rank): the same clean stop as SIGTERM, status 3,
+    the finished sequences saved for --resume."""
+    d, path = job
+    out = d / "sigint.h5"
+    p = start(WORLD, "score", path, out, *ARGS)
+    wait_until_scoring(p, out)
+    os.kill(p.pid, signal.SIGINT)
+    rc, err, took = finish(p)
+    assert rc == 3, err[-2000:]
+    assert "interrupted by SIGINT" in err and "--resume" in err and "Traceback" not in err, err[-2000:]
+    done = int(read(Path(f"{out}.partial"))["done"].sum())
+    assert not out.exists() and done > 0
+    note(f"SIGINT (Ctrl-C) to mpiexec: ended after {took:.1f} s, rc={rc}, {done} of 600 sequences saved")
+
+
 def test_sigterm_one_rank_run(tmp_path):
     path, out, ref = tmp_path / "in.h5", tmp_path / "o.h5", tmp_path / "r.h5"
     make_tokens(path, 400, 48, 512, seed=3)

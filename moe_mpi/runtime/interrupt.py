@@ -1,4 +1,5 @@
-"""Stopping early on SIGTERM or SIGUSR1 (what Slurm sends before a time limit) without losing work.
+"""Stopping early on SIGTERM or SIGUSR1 (what Slurm sends before a time limit), or on a first Ctrl-C
+(SIGINT; a second one raises KeyboardInterrupt at once), without losing work.
 
 A signal only sets a flag; the loops poll it.  In a distributed run the fronts must agree where to
 stop, because an expert's step j waits for every front that has a micro-batch j:
@@ -23,11 +24,11 @@ log = logging.getLogger("moe_mpi")
 
 STOP_TAG = 9
 EXIT_INTERRUPTED = 3
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Interrupt:
-    """Turns SIGTERM/SIGUSR1 into a flag for as long as it is installed."""
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag for as long as it is installed."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -35,7 +36,8 @@ class Interrupt:
 
     def __enter__(self) -> "Interrupt":
         for sig in SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:     # a background job's SIGINT stays ignored
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -43,7 +45,9 @@ class Interrupt:
             signal.signal(sig, old)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:     # the next Ctrl-C is Python's again: a user who will not wait
+            signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
 
     @property
     def name(self) -> str:
