@@ -38,7 +38,7 @@ run: install
 	@echo "trace: $(OUT)/tiny-trace.json (open in https://ui.perfetto.dev or chrome://tracing)"
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/cpu_runtime.py
