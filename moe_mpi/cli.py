@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -93,10 +94,13 @@ def score(input_path, output_path, config, model, front_ranks, micro_batch_token
 @click.option("--act-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_inputs_cmd(output_path, config, sequences, seq_len, ragged, activations, act_dtype, seed):
+@click.option("--overwrite", is_flag=True, help="Replace OUT.h5 if it exists.")
+def make_inputs_cmd(output_path, config, sequences, seq_len, ragged, activations, act_dtype, seed, overwrite):
     """Write a synthetic input file."""
     from .io.synthetic import make_inputs
 
+    if os.path.exists(output_path) and not overwrite:
+        raise UserError(f"make-inputs: {output_path} already exists; pass --overwrite to replace it")
     try:
         make_inputs(output_path, _config(config), sequences=sequences, seq_len=seq_len, ragged=ragged,
                     activations=activations, seed=seed, act_dtype=act_dtype)
@@ -163,13 +167,17 @@ def inspect(path):
 @click.option("--config", "config", default="tiny", show_default=True, help=CONFIG_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-def export_model(directory, config, seed, dtype):
+@click.option("--overwrite", is_flag=True, help="Replace the config.json and model.safetensors of an earlier export.")
+def export_model(directory, config, seed, dtype, overwrite):
     """Write the seeded random weights as a Hugging Face checkpoint (config.json + model.safetensors)."""
     from .model.weights import export_checkpoint
     from .runtime.job import DTYPES
 
     cfg = _config(config)
-    path = export_checkpoint(cfg, directory, seed=seed, dtype=DTYPES[dtype])
+    try:
+        path = export_checkpoint(cfg, directory, seed=seed, dtype=DTYPES[dtype], overwrite=overwrite)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"export-model: {exc}") from None
     click.echo(f"wrote {path}")
 
 

@@ -335,6 +335,38 @@ def test_layout_and_tools(tmp_path):
         assert cli(cmd, "--help", check=True).stdout.startswith("Usage:")
 
 
+def test_tools_do_not_clobber_files(tmp_path):
+    """make-inputs and export-model refuse to replace what is there without --overwrite (an input, a
+    checkpoint of hundreds of GB), and export-model never mixes its files into another checkpoint."""
+    path = tmp_path / "in.h5"
+    cli("make-inputs", path, "--config", "tiny", "-n", "4", "-s", "8", check=True)
+    before = path.read_bytes()
+    proc = cli("make-inputs", path, "--config", "tiny", "-n", "5", "-s", "8")
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+    assert path.read_bytes() == before
+    cli("make-inputs", path, "--config", "tiny", "-n", "5", "-s", "8", "--overwrite", check=True)
+    assert read(path)["tokens"].shape == (5, 8)
+
+    model = tmp_path / "model"
+    cli("export-model", model, "--config", "tiny", check=True)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert sorted(files) == ["config.json", "model.safetensors"]
+    proc = cli("export-model", model, "--config", "tiny", "--seed", "1")
+    assert proc.returncode == 2 and "already holds a checkpoint" in proc.stderr and "--overwrite" in proc.stderr
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+    cli("export-model", model, "--config", "tiny", "--seed", "1", "--overwrite", check=True)
+    assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+    assert (model / "model.safetensors").read_bytes() != files["model.safetensors"]
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+    for extra in ((), ("--overwrite",)):
+        proc = cli("export-model", sharded, "--config", "tiny", *extra)
+        assert proc.returncode == 2 and "model-00001-of-00002.safetensors" in proc.stderr, proc.stderr
+    assert [p.name for p in sharded.iterdir()] == ["model-00001-of-00002.safetensors"]
+
+
 def test_bundled_model_matches_seeded_weights(tmp_path):
     """inputs/tiny-model is the tiny preset's seed-0 weights in Hugging Face layout."""
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"

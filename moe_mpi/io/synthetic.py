@@ -18,6 +18,18 @@ def make_inputs(path: str, cfg: ModelConfig, *, sequences: int, seq_len: int, ra
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, seq_len + 1, size=sequences) if ragged else np.full(sequences, seq_len)
     tmp = f"{path}.tmp"
+    try:
+        _write_inputs(tmp, cfg, rng, lengths, sequences=sequences, seq_len=seq_len, ragged=ragged,
+                      activations=activations, seed=seed, act_dtype=act_dtype)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def _write_inputs(tmp: str, cfg: ModelConfig, rng, lengths, *, sequences: int, seq_len: int, ragged: bool,
+                  activations: bool, seed: int, act_dtype: str) -> None:
     with h5py.File(tmp, "w") as f:
         if activations:
             ds = f.create_dataset("activations", shape=(sequences, seq_len, cfg.hidden_size),
@@ -36,7 +48,6 @@ def make_inputs(path: str, cfg: ModelConfig, *, sequences: int, seq_len: int, ra
                                                          dtype=np.int32), chunks=(1, seq_len))
         f.create_dataset("lengths", data=lengths.astype(np.int32))
         f.attrs["generator"] = json.dumps({"seed": seed, "config": cfg.name, "ragged": ragged})
-    os.replace(tmp, path)
 
 
 def describe(path: str) -> str:

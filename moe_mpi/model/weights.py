@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -164,21 +165,41 @@ def build_all_experts(cfg: ModelConfig, **kw) -> list[list[MLP]]:
 
 
 def export_checkpoint(cfg: ModelConfig, directory: str | Path, *, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> Path:
-    """Seeded weights as a Hugging Face DeepSeek-V3 directory (for tests and the bundled tiny model)."""
+                      dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
+    """Seeded weights as a Hugging Face DeepSeek-V3 directory (for tests and the bundled tiny model).  A
+    directory that holds a checkpoint is refused (a real one can be hundreds of GB), unless ``overwrite``
+    and it is one of ours (config.json and model.safetensors only); each file is written whole, then
+    renamed."""
     from safetensors.torch import save_file
 
     out = Path(directory)
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir()
+                      if p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")))
+        if held and not overwrite:
+            raise ValueError(f"{out} already holds a checkpoint ({', '.join(held)}); pass --overwrite to replace "
+                             "an earlier export")
+        foreign = [n for n in held if n not in ("config.json", "model.safetensors")]
+        if foreign:
+            raise ValueError(f"{out} holds checkpoint files an export does not write ({', '.join(foreign)}): "
+                             "export into an empty directory")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().contiguous() for n, p in build_front(cfg, seed=seed, dtype=dtype).named_parameters()}
     for layer, experts in enumerate(build_all_experts(cfg, seed=seed, dtype=dtype)):
         for e, mlp in enumerate(experts):
             pre = expert_prefix(cfg, layer, e)
             tensors.update({pre + n: p.detach().contiguous() for n, p in mlp.named_parameters()})
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
           "num_key_value_heads": cfg.num_attention_heads, **cfg.to_dict()}
     if dtype == torch.bfloat16:
         hf["torch_dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    tmp_weights, tmp_config = out / "model.safetensors.tmp", out / "config.json.tmp"
+    try:
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        tmp_config.write_text(json.dumps(hf, indent=2) + "\n")
+        os.replace(tmp_weights, out / "model.safetensors")
+        os.replace(tmp_config, out / "config.json")
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            tmp.unlink(missing_ok=True)
     return out
