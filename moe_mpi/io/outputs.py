@@ -193,6 +193,9 @@ class OutputFile:
                 continue
             made_from = f.attrs.get("input_file", b"")
             f.close()
+            if key == "input_sha256" and have is None:
+                raise OutputError(f"{path}: cannot resume, it was made by a moe-mpi older than 2026-11-27 that "
+                                  "did not record its input's sha256; run with --overwrite to start again")
             if key == "input_sha256":
                 made_from = made_from.decode() if isinstance(made_from, bytes) else str(made_from)
                 raise OutputError(f"{path}: cannot resume, {spec.path} does not hold the input it was made from "
