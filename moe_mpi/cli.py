@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
 import click
@@ -99,11 +98,9 @@ def make_inputs_cmd(output_path, config, sequences, seq_len, ragged, activations
     """Write a synthetic input file."""
     from .io.synthetic import make_inputs
 
-    if os.path.exists(output_path) and not overwrite:
-        raise UserError(f"make-inputs: {output_path} already exists; pass --overwrite to replace it")
     try:
         make_inputs(output_path, _config(config), sequences=sequences, seq_len=seq_len, ragged=ragged,
-                    activations=activations, seed=seed, act_dtype=act_dtype)
+                    activations=activations, seed=seed, act_dtype=act_dtype, overwrite=overwrite)
     except (ValueError, OSError) as exc:
         raise UserError(f"make-inputs: {exc}") from None
     click.echo(f"wrote {output_path}: {sequences} sequences x {seq_len}"

@@ -7,8 +7,6 @@ file, the dataset and the problem.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
 from collections import deque
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from .files import held_for_writing
 
 SCAN_ELEMENTS = 1 << 24  # elements read per block while scanning a dataset (and per block of its digest)
 HASH_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) - 1))   # beside the one that checks
@@ -75,23 +74,6 @@ def _open(path: str) -> h5py.File:
             raise InputError(path, None, "is open for writing in another process (HDF5's file lock): wait until "
                                          "the writer closes it") from None
         raise InputError(path, None, f"cannot be opened as HDF5, truncated or corrupt? ({exc})") from None
-
-
-def held_for_writing(path: str) -> bool:
-    """Whether another process holds the file open for writing, as HDF5 shows it: a read-write open
-    takes an exclusive flock, so a shared one cannot be had.  False where HDF5's locking is off
-    (HDF5_USE_FILE_LOCKING=FALSE) or the file system has no flock."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(fd)            # closing drops the shared lock, if taken
-    return False
 
 
 def _read(path: str, name: str, ds: h5py.Dataset, sel) -> np.ndarray:

@@ -8,9 +8,10 @@ synced to the disk.  A job killed at any moment, or a node that crashes with wri
 thus leaves a readable ``.partial`` whose committed sequences are complete; ``--resume`` recomputes
 the rest and counts their expert load exactly once.  The complete file is synced before its rename.
 
-A commit costs a flush and two fsyncs (milliseconds on a local disk), so finished sequences are committed at most every
-``commit_interval`` seconds (``--commit-interval``), and always on a clean stop (signal) and at the end:
-a job killed outright loses at most that many seconds of work.  The first write commits at once.
+A commit costs a flush and two fsyncs (milliseconds on a local disk), so finished sequences are
+committed at most every ``commit_interval`` seconds (``--commit-interval``), and always on a clean stop
+(signal) and at the end: a job killed outright loses at most that many seconds of work.  The first
+write commits at once.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import numpy as np
 
 from .. import __version__
 from ..config import ModelConfig
-from .inputs import InputSpec, held_for_writing
+from .files import held_for_writing, written_whole
+from .inputs import InputSpec
 
 def identity(cfg: ModelConfig, spec: InputSpec, opts: "OutputOptions") -> dict:
     """The attributes that must match for --resume to continue a partial file.  The input is known by
@@ -122,6 +124,19 @@ def output_datasets(cfg: ModelConfig, spec: InputSpec, opts: OutputOptions) -> d
     return out
 
 
+def load_state(path: str, n_seqs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The commit record (``OUT.h5.partial.state.npz``): which sequences are done, and their expert load."""
+    with np.load(path) as st:
+        return np.unpackbits(st["done"], count=n_seqs).astype(bool), st["expert_load"].astype(np.int64)
+
+
+def _attr(f: h5py.File, key: str):
+    value = f.attrs.get(key)
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _sync_directory(path: str) -> None:
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -145,7 +160,6 @@ class OutputFile:
         """A new partial file with every dataset allocated, after checking that the disk holds it: a
         file system that fills up refuses the run here, before any work, not hours in."""
         path = partial_path(out)
-        tmp = f"{path}.tmp"
         datasets = output_datasets(cfg, spec, opts)
         need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype, _ in datasets.values())
         need += METADATA_BYTES + 2 * (spec.n_seqs // 8 + 8 * cfg.n_moe_layers * cfg.n_routed_experts)  # + state file
@@ -155,20 +169,18 @@ class OutputFile:
             raise OutputError(f"{path}: needs {_size(need)} (its datasets are allocated up front) but "
                               f"{os.path.dirname(os.path.abspath(path))} has {_size(free)} free")
         try:
-            with h5py.File(tmp, "w") as f:
-                for name, (shape, dtype, fill) in datasets.items():
-                    group, _, leaf = name.rpartition("/")
-                    _contiguous(f.require_group(group) if group else f, leaf, shape, dtype, fill)
-                f["lengths"][...] = spec.lengths
-                f.attrs.update({**identity(cfg, spec, opts), "input_file": os.path.realpath(spec.path),
-                                "device": opts.device, "moe_mpi_version": __version__, "complete": False})
+            with written_whole(path) as tmp:    # a kill during creation leaves only the .tmp behind
+                with h5py.File(tmp, "w") as f:
+                    for name, (shape, dtype, fill) in datasets.items():
+                        group, _, leaf = name.rpartition("/")
+                        _contiguous(f.require_group(group) if group else f, leaf, shape, dtype, fill)
+                    f["lengths"][...] = spec.lengths
+                    f.attrs.update({**identity(cfg, spec, opts), "input_file": os.path.realpath(spec.path),
+                                    "device": opts.device, "moe_mpi_version": __version__, "complete": False})
+                if os.path.exists(state_path(out)):     # an earlier run's record goes before its file
+                    os.remove(state_path(out))
         except OSError as exc:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise OutputError(f"{tmp}: cannot be written ({exc}); nothing was kept") from None
-        if os.path.exists(state_path(out)):
-            os.remove(state_path(out))
-        os.replace(tmp, path)  # a kill during creation leaves only the .tmp behind
+            raise OutputError(f"{path}.tmp: cannot be written ({exc}); nothing was kept") from None
         return cls(h5py.File(path, "r+"), out, cfg, spec)
 
     @classmethod
@@ -183,26 +195,21 @@ class OutputFile:
                                   "for that job to end (or cancel it), then resume") from None
             raise OutputError(f"{path}: cannot be opened to resume ({exc}); run with --overwrite to discard "
                               "it and start again") from None
+        attrs = {key: _attr(f, key) for key in (*identity(cfg, spec, opts), "input_file")}
         for key, want in identity(cfg, spec, opts).items():
-            have = f.attrs.get(key)
-            if isinstance(have, bytes):
-                have = have.decode()
-            if isinstance(have, np.generic):
-                have = have.item()
+            have = attrs[key]
             if have == want:
                 continue
-            made_from = f.attrs.get("input_file", b"")
             f.close()
-            if key == "input_sha256" and have is None:
+            if key != "input_sha256":
+                raise OutputError(f"{path}: cannot resume, it was made with {key}={have!r} but this run has "
+                                  f"{key}={want!r}")
+            if have is None:
                 raise OutputError(f"{path}: cannot resume, it was made by a moe-mpi older than 2026-11-27 that "
                                   "did not record its input's sha256; run with --overwrite to start again")
-            if key == "input_sha256":
-                made_from = made_from.decode() if isinstance(made_from, bytes) else str(made_from)
-                raise OutputError(f"{path}: cannot resume, {spec.path} does not hold the input it was made from "
-                                  f"({made_from}, contents sha256 {str(have)[:12]}..., now {want[:12]}...); run "
-                                  "with --overwrite to start again")
-            raise OutputError(f"{path}: cannot resume, it was made with {key}={have!r} but this run has "
-                              f"{key}={want!r}")
+            raise OutputError(f"{path}: cannot resume, {spec.path} does not hold the input it was made from "
+                              f"({attrs['input_file']}, contents sha256 {have[:12]}..., now {want[:12]}...); run "
+                              "with --overwrite to start again")
         self = cls(f, out, cfg, spec)
         # The side file is the truth; the HDF5 copies of done/expert_load may be a write behind.
         f["done"][...] = self.done
@@ -223,9 +230,7 @@ class OutputFile:
         self.done = np.zeros(spec.n_seqs, dtype=bool)
         self.load = np.zeros((cfg.n_moe_layers, cfg.n_routed_experts), dtype=np.int64)
         if os.path.exists(state_path(out)):
-            with np.load(state_path(out)) as st:
-                self.done = np.unpackbits(st["done"], count=spec.n_seqs).astype(bool)
-                self.load = st["expert_load"].astype(np.int64)
+            self.done, self.load = load_state(state_path(out), spec.n_seqs)
 
     def _commit_state(self) -> None:
         tmp = state_path(self.out) + ".tmp.npz"

@@ -8,29 +8,21 @@ import h5py
 import numpy as np
 
 from ..config import ModelConfig
+from .files import held_for_writing, written_whole
+from .outputs import load_state
 
 
 def make_inputs(path: str, cfg: ModelConfig, *, sequences: int, seq_len: int, ragged: bool,
-                activations: bool, seed: int, act_dtype: str = "float32") -> None:
-    """Random token ids (or activations) drawn from ``seed``; ragged lengths in [1, seq_len]."""
+                activations: bool, seed: int, act_dtype: str = "float32", overwrite: bool = False) -> None:
+    """Random token ids (or activations) drawn from ``seed``; ragged lengths in [1, seq_len].  An
+    existing file is replaced only with ``overwrite``."""
     if sequences < 1 or seq_len < 1:
         raise ValueError(f"--sequences and --seq-len must be >= 1, got {sequences} and {seq_len}")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it")
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, seq_len + 1, size=sequences) if ragged else np.full(sequences, seq_len)
-    tmp = f"{path}.tmp"
-    try:
-        _write_inputs(tmp, cfg, rng, lengths, sequences=sequences, seq_len=seq_len, ragged=ragged,
-                      activations=activations, seed=seed, act_dtype=act_dtype)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
-
-
-def _write_inputs(tmp: str, cfg: ModelConfig, rng, lengths, *, sequences: int, seq_len: int, ragged: bool,
-                  activations: bool, seed: int, act_dtype: str) -> None:
-    with h5py.File(tmp, "w") as f:
+    with written_whole(path) as tmp, h5py.File(tmp, "w") as f:
         if activations:
             ds = f.create_dataset("activations", shape=(sequences, seq_len, cfg.hidden_size),
                                   dtype=np.uint16 if act_dtype == "bfloat16" else act_dtype,
@@ -54,8 +46,6 @@ def describe(path: str) -> str:
     """What an HDF5 file holds, for people: datasets, shapes, dtypes, attributes, completion.  A partial
     output that a running job holds open is read without HDF5's lock (its layout never changes during a
     run; values may be mid-write), and its progress comes from the commit record beside it."""
-    from .inputs import held_for_writing
-
     lines = [path]
     try:
         f = h5py.File(path, "r")
@@ -72,10 +62,8 @@ def describe(path: str) -> str:
         f.visititems(visit)
         state = f"{path}.state.npz"     # OUT.h5.partial -> OUT.h5.partial.state.npz
         if "done" in f and path.endswith(".partial") and os.path.exists(state):
-            with np.load(state) as st:
-                n = f["done"].shape[0]
-                done = np.unpackbits(st["done"], count=n).astype(bool)
-            lines.append(f"  done: {int(done.sum())} of {n} sequences committed ({os.path.basename(state)})")
+            done, _ = load_state(state, f["done"].shape[0])
+            lines.append(f"  done: {int(done.sum())} of {done.size} sequences committed ({os.path.basename(state)})")
         elif "done" in f:
             done = f["done"][...]
             lines.append(f"  done: {int(done.sum())} of {done.size} sequences")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..io.files import written_whole
 from .layers import MLP
 from .transformer import FrontModel
 
@@ -193,13 +193,8 @@ def export_checkpoint(cfg: ModelConfig, directory: str | Path, *, seed: int = 0,
           "num_key_value_heads": cfg.num_attention_heads, **cfg.to_dict()}
     if dtype == torch.bfloat16:
         hf["torch_dtype"] = "bfloat16"
-    tmp_weights, tmp_config = out / "model.safetensors.tmp", out / "config.json.tmp"
-    try:
-        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-        tmp_config.write_text(json.dumps(hf, indent=2) + "\n")
-        os.replace(tmp_weights, out / "model.safetensors")
-        os.replace(tmp_config, out / "config.json")
-    finally:
-        for tmp in (tmp_weights, tmp_config):
-            tmp.unlink(missing_ok=True)
+    with written_whole(str(out / "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with written_whole(str(out / "config.json")) as tmp:
+        Path(tmp).write_text(json.dumps(hf, indent=2) + "\n")
     return out
