@@ -195,8 +195,9 @@ class OutputFile:
                                   "for that job to end (or cancel it), then resume") from None
             raise OutputError(f"{path}: cannot be opened to resume ({exc}); run with --overwrite to discard "
                               "it and start again") from None
-        attrs = {key: _attr(f, key) for key in (*identity(cfg, spec, opts), "input_file")}
-        for key, want in identity(cfg, spec, opts).items():
+        wanted = identity(cfg, spec, opts)
+        attrs = {key: _attr(f, key) for key in (*wanted, "input_file")}
+        for key, want in wanted.items():
             have = attrs[key]
             if have == want:
                 continue
