@@ -201,7 +201,7 @@ def main() -> int:
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--variants", default="fronts=2;fronts=2,in_flight=8;fronts=3;fronts=4,place=shared,in_flight=8",
                    help="distributed runs, ';'-separated, each "
-                        "'fronts=F,in_flight=N,thread=0|1,place=split|shared,channels=N,NAME=VALUE,rep=K' "
+                        "'fronts=F,in_flight=N,thread=0|1,place=split|shared,channels=N,transport=T,NAME=VALUE,rep=K' "
                         "(channels: NCCL_MAX_NCHANNELS for that run; an upper-case NAME: an environment "
                         "variable for that run, e.g. NCCL_CUMEM_ENABLE=0; rep: a run of a layout once more, named apart): "
                         "split puts the fronts alone on the first GPUs (at most all but one) and the experts on "
@@ -275,11 +275,13 @@ def run_all(args, work: Path) -> int:
                 + (f", {in_flight} in flight" if in_flight != args.in_flight else "")
                 + (", progress thread" if thread == "1" else "")
                 + (f", NCCL channels {opts['channels']}" if "channels" in opts else "")
+                + (f", transport {opts['transport']}" if "transport" in opts else "")
                 + "".join(f", {k}={v}" for k, v in opts.items() if k.isupper())
                 + (f", repeat {opts['rep']}" if "rep" in opts else "")
                 + (", MPS" if args.mps else ""))
         out, trace = work / f"dist{i}.h5", work / f"trace{i}.json"
-        rest = [*common, "--front-ranks", str(F), "--transport", args.transport, "--trace", str(trace),
+        rest = [*common, "--front-ranks", str(F), "--transport", opts.get("transport", args.transport),
+                "--trace", str(trace),
                 "--in-flight", str(in_flight)]
         envs = [f"MOE_MPI_PROGRESS_THREAD={thread}"]
         if "channels" in opts:      # at most this many NCCL channels (and SMs held by a pending transfer)

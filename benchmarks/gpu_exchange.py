@@ -35,15 +35,21 @@ from gpu_exchange_baselines import PAIRS, pair_groups, post_overhead, rows_for, 
 from gpu_exchange_report import report  # noqa: E402
 from moe_mpi.parallel.devices import bind_device  # noqa: E402
 from moe_mpi.parallel.exchange import MPITransport, mpi_cuda_aware, with_progress_thread  # noqa: E402
+from moe_mpi.parallel.ipc import IPCTransport  # noqa: E402
 from moe_mpi.parallel.staged import StagedTransport  # noqa: E402
 from moe_mpi.parallel.nccl import NCCLTransport, init_process_group  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
 
 
-def make_transport(name: str, comms: Communicators, layout: Layout, hidden: int, dtype, device):
+def make_transport(name: str, comms: Communicators, layout: Layout, hidden: int, dtype, device,
+                   max_rows: int, slots: int):
     """As the runtime makes them (progress thread included), except that on CPUs the NCCL transport's
-    protocol runs with MPI carrying the payloads."""
+    protocol runs with MPI carrying the payloads (and IPC's over a shared-memory window, as it does
+    in the runtime)."""
     args = (comms.layers, layout.n_fronts, hidden, dtype, device)
+    if name == "ipc":
+        return with_progress_thread(IPCTransport(*args, comms.world, max_rows, slots,
+                                                 "cuda" if device.type == "cuda" else "shm"))
     if name == "mpi":
         return MPITransport(*args, device_buffers=device.type == "cuda")
     if name == "mpi-staged":
@@ -154,10 +160,12 @@ def main() -> int:
     init_process_group(comms.world, "nccl" if device.type == "cuda" else "gloo")
     if args.transports == "auto":
         # on CPUs "mpi-staged" runs its chunk protocol with plain copies
-        names = (["mpi"] if device.type == "cpu" or mpi_cuda_aware() else []) + ["mpi-staged", "nccl"]
+        names = (["mpi"] if device.type == "cpu" or mpi_cuda_aware() else []) + ["mpi-staged", "nccl", "ipc"]
     else:
         names = args.transports.split(",")
-    transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device) for n in names}
+    max_rows = max(max(rows_for(int(t), args.top_k, layout.n_experts)) for t in args.tokens.split(","))
+    transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device, max_rows, args.in_flight + 1)
+                  for n in names}
     groups = pair_groups(comms, layout, device, transports["nccl"]) if "nccl" in transports else None
     rank0 = world.Get_rank() == 0
     row_bytes = args.hidden * 2

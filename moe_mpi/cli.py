@@ -53,7 +53,7 @@ def main(verbose: bool) -> None:
 @click.option("--in-flight", type=int, default=4, show_default=True, help="Micro-batches in flight per front.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--transport", type=click.Choice(["auto", "mpi", "mpi-staged", "nccl"]), default="auto",
+@click.option("--transport", type=click.Choice(["auto", "mpi", "mpi-staged", "nccl", "ipc"]), default="auto",
               show_default=True, help="How expert traffic moves (GPU runs); MPI always launches and controls.")
 @click.option("--save-hidden", is_flag=True, help="Also write the final hidden states.")
 @click.option("--save-routing", is_flag=True, help="Also write every token's chosen experts.")

@@ -111,15 +111,18 @@ def test_random_weights_are_the_same_on_every_device():
             assert torch.equal(on_gpu.cpu(), fp32.to(dtype))
 
 
-@pytest.mark.parametrize("transport,thread", [("mpi-staged", "0"), ("nccl", "0"), ("nccl", "1")])
-def test_transport_protocols_on_cpu(tmp_path, reference, transport, thread):
-    """The staged transport's chunks and the NCCL transport's control/go-ahead protocol (MPI carrying
-    the payloads, four pretend GPUs so that some pairs share one and take the staged path), with and
-    without the progress thread, give the 1-rank results exactly."""
+@pytest.mark.parametrize("transport,thread,slots", [("mpi-staged", "0", ""), ("nccl", "0", ""), ("nccl", "1", ""),
+                                                    ("ipc", "0", ""), ("ipc", "1", "1")])
+def test_transport_protocols_on_cpu(tmp_path, reference, transport, thread, slots):
+    """The staged transport's chunks, the NCCL transport's control/go-ahead protocol (MPI carrying
+    the payloads, four pretend GPUs so that some pairs share one and take the staged path) and the IPC
+    transport's rings and slot hand-backs (over an MPI shared-memory window), with and without the
+    progress thread, give the 1-rank results exactly.  One IPC slot per pair makes senders wait for the
+    receiver to hand each slot back."""
     path, ref, _ = reference
     out = tmp_path / "out.h5"
     run_env = dict(env(), MOE_MPI_TEST_NCCL_OVER_MPI="1", MOE_MPI_TEST_CPU_GPUS="4", MOE_MPI_STAGE_CHUNK_MB="0.002",
-                   MOE_MPI_PROGRESS_THREAD=thread)
+                   MOE_MPI_PROGRESS_THREAD=thread, **({"MOE_MPI_IPC_SLOTS": slots} if slots else {}))
     cmd = mpi_python(10, "-m", "moe_mpi", "score", path, out, "--config", "tiny", "--front-ranks", 2, "-T", 64,
                      "--in-flight", 3, "--save-routing", "--save-hidden", "--transport", transport)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=run_env, cwd=REPO)
@@ -247,7 +250,7 @@ def test_one_process_on_gpu_matches_cpu(tmp_path, reference):
 
 
 @needs_cuda
-@pytest.mark.parametrize("transport", ["auto", "mpi-staged"])
+@pytest.mark.parametrize("transport", ["auto", "nccl", "mpi-staged"])
 def test_distributed_on_gpus_matches_cpu_fp32(tmp_path, reference, transport):
     """9 ranks over the visible GPUs (sharing them: the NCCL transport sends pairs on one GPU through
     pinned staging), bf16, against the 1-rank CPU fp32 run."""

@@ -20,9 +20,11 @@ Transports (``make_transport`` picks one; the loops do not care which):
 * ``mpi-staged`` (``staged.py``): GPU runs over an MPI that is not CUDA-aware: rows go through pinned
   host buffers in chunks, each chunk's device->host copy (on its own stream) overlapping the previous
   chunk's transfer;
-* ``nccl`` (``nccl.py``): NCCL point-to-point between GPUs, with MPI carrying the row counts.
+* ``nccl`` (``nccl.py``): NCCL point-to-point between GPUs, with MPI carrying the row counts;
+* ``ipc`` (``ipc.py``): one node: copies straight into receive rings the peers lent through CUDA IPC
+  (an MPI shared-memory window on CPUs), with MPI carrying a control word per message.
 
-The last two are built from one operation per message (``ops.py``).
+The last three are built from one operation per message (``ops.py``).
 """
 from __future__ import annotations
 
@@ -232,20 +234,37 @@ class MPITransport:
         return reqs
 
 
-TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl")
+TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl", "ipc")
 
 
 def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype,
-                   device: torch.device, world=None):
-    """The transport for this run.  On CPUs ``auto`` and ``mpi`` are MPI on host memory and
-    ``mpi-staged`` its chunked protocol with plain copies.  On GPUs ``auto`` takes MPI on device memory
-    where the MPI library is CUDA-aware, else NCCL (bootstrapped from ``world``, which every rank must
-    pass), else pinned host staging."""
+                   device: torch.device, world=None, max_rows: int | None = None, slots: int = 5):
+    """The transport for this run.  On CPUs ``auto`` and ``mpi`` are MPI on host memory,
+    ``mpi-staged`` its chunked protocol with plain copies and ``ipc`` copies through an MPI
+    shared-memory window.  On GPUs ``auto`` takes IPC where every exchanging pair is on one node with
+    peer access between their GPUs, else MPI on device memory where the MPI library is CUDA-aware,
+    else NCCL, else pinned host staging.  ``world`` (every rank must pass it) bootstraps NCCL and IPC;
+    ``max_rows`` (the most rows of one message) and ``slots`` (messages one pair may have outstanding)
+    size IPC's receive rings.  Collective over ``world``."""
     from .staged import StagedTransport
 
     device = torch.device(device)
     if name not in TRANSPORTS:
         raise ValueError(f"--transport {name!r} is not one of {', '.join(TRANSPORTS)}")
+    if name == "ipc" or (name == "auto" and device.type == "cuda" and world is not None and max_rows):
+        from .ipc import IPCTransport, ipc_possible
+
+        if world is None or not max_rows:
+            raise ValueError("--transport ipc needs the world communicator and the largest message's rows")
+        why_not = ipc_possible(world, layer_comms, n_fronts, device)
+        if why_not is None:
+            if name == "auto":
+                log.info("transport: ipc (every exchanging pair on one node)")
+            return with_progress_thread(IPCTransport(layer_comms, n_fronts, hidden, dtype, device, world,
+                                                     max_rows, slots, "cuda" if device.type == "cuda" else "shm"))
+        if name == "ipc":
+            raise ValueError(f"--transport ipc needs every exchanging pair of ranks on one node, each rank "
+                             f"seeing its peers' GPUs with peer access; {why_not}")
     if device.type != "cuda":
         if name == "mpi-staged":
             return with_progress_thread(StagedTransport(layer_comms, n_fronts, hidden, dtype, device))

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -113,8 +114,11 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
         plan = prep.plan(layout.n_fronts, opts.micro_batch_tokens)
         label = f"front {role.front}" if role.kind == "front" else f"expert L{role.layer} E{role.expert}"
         rec = Recorder(rank, label, tracing=bool(opts.trace))
+        lengths = prep.spec.lengths
+        max_rows = max((plan.tokens(fr, st, lengths) for st in plan.steps for fr in plan.senders(st)), default=1)
         transport = make_transport(opts.transport, comms.layers, layout.n_fronts, cfg.hidden_size,
-                                   opts.torch_dtype, device, world=comms.world)
+                                   opts.torch_dtype, device, world=comms.world, max_rows=max_rows,
+                                   slots=int(os.environ.get("MOE_MPI_IPC_SLOTS", opts.in_flight + 1)))
         control = StopControl(comms.world, layout.n_fronts, interrupt, is_front=role.kind == "front")
         ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device, control)
         transport.rec = rec       # passes over the live messages show in the trace ('progress' spans)

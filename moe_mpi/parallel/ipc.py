@@ -1,0 +1,396 @@
+"""The IPC transport: on one node, rows move GPU to GPU by a copy straight into memory that the
+receiving rank lent the sender through CUDA IPC; MPI stays the launcher and carries one small control
+message per message.
+
+* Rings: every rank that receives from a peer keeps ``slots`` slots of ``max_rows`` rows for it in
+  its own GPU memory (one allocation per rank, shared with the peers through ``cudaIpcGetMemHandle``).
+  The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
+  on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
+  for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
+* Order on the GPU: each slot has two interprocess CUDA events.  The sender records ``filled`` after
+  its copy, the receiver ``freed`` after the copy out of the slot (on its compute stream, into the
+  tensor the runtime gets); the sender's copy stream waits for ``freed`` before it writes the slot
+  again.  Neither host waits for the other's GPU.
+* Control plane (MPI): the sender posts (step, rows, slot) on CONTROL_TAG once its copy is queued;
+  the receiver takes a message as arrived when the control word is there and ``filled`` has passed
+  (an event query), so the runtime never queues work behind a copy still in flight.  After the copy
+  out, the receiver hands the slot back on GO_TAG.  A sender with no free slot waits for one: with
+  ``slots`` above the micro-batches a front keeps in flight, that never happens in the runtime (a
+  pair never has more messages outstanding than the front has micro-batches).
+
+``backend="shm"`` runs the same protocol on CPUs over an MPI shared-memory window (the rings) with
+plain copies, so the tests exercise it on machines without GPUs.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import logging
+import socket
+import time
+from collections import deque
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from .exchange import CONTROL_TAG, GO_TAG, PeerFailure, test_requests
+from .ops import Op, OpTransport
+
+log = logging.getLogger("moe_mpi")
+CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * 64)]
+
+
+class Driver:
+    """The CUDA driver calls torch has no Python API for (libcuda is always there with a GPU)."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        self.open = getattr(lib, "cuIpcOpenMemHandle_v2", None) or lib.cuIpcOpenMemHandle
+        self.open.argtypes = [ctypes.POINTER(ctypes.c_uint64), _IpcHandle, ctypes.c_uint]
+        self.get = lib.cuIpcGetMemHandle
+        self.get.argtypes = [ctypes.POINTER(_IpcHandle), ctypes.c_uint64]
+        self.range = getattr(lib, "cuMemGetAddressRange_v2", None) or lib.cuMemGetAddressRange
+        self.range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
+        self.copy = lib.cuMemcpyAsync
+        self.copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+
+    def export(self, ptr: int) -> tuple[bytes, int]:
+        """The IPC handle of the allocation holding ``ptr``, and ptr's offset in it."""
+        base, size, handle = ctypes.c_uint64(0), ctypes.c_size_t(0), _IpcHandle()
+        self.check(self.range(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+        self.check(self.get(ctypes.byref(handle), base.value), "cuIpcGetMemHandle")
+        return bytes(handle), ptr - base.value
+
+    @staticmethod
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed: CUDA driver error {status}")
+
+    def open_handle(self, handle: bytes) -> int:
+        ptr = ctypes.c_uint64(0)
+        self.check(self.open(ctypes.byref(ptr), _IpcHandle.from_buffer_copy(handle), CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                   "cuIpcOpenMemHandle (mapping a peer's receive buffer)")
+        return ptr.value
+
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: torch.cuda.Stream) -> None:
+        self.check(self.copy(dst, src, nbytes, stream.cuda_stream), "cuMemcpyAsync")
+
+
+def exchange_peers(comms: dict, n_fronts: int, world) -> set[int]:
+    """World ranks this rank exchanges rows with: a front, every expert; an expert, every front."""
+    from .nccl import _world_ranks
+
+    peers = set()
+    for comm in comms.values():
+        ranks, mine = _world_ranks(comm, world), comm.Get_rank()
+        others = range(n_fronts, len(ranks)) if mine < n_fronts else range(n_fronts)
+        peers.update(ranks[r] for r in others)
+    return peers
+
+
+def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device) -> str | None:
+    """Why the IPC transport cannot serve this job (None if it can): every exchanging pair must be on
+    one node, and each rank must see its peers' GPUs with peer access between them.  Collective."""
+    peers = exchange_peers(comms, n_fronts, world)
+    uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else "cpu"
+    table = world.allgather((socket.gethostname(), uuid))
+    host = table[world.Get_rank()][0]
+    problems = [f"rank {p} is on {table[p][0]}, this rank on {host}" for p in sorted(peers) if table[p][0] != host]
+    if device.type == "cuda" and not problems:
+        index = {str(torch.cuda.get_device_properties(i).uuid): i for i in range(torch.cuda.device_count())}
+        for p in sorted(peers):
+            j = index.get(table[p][1])
+            if j is None:
+                problems.append(f"rank {p}'s GPU {table[p][1]} is not visible to this rank")
+            elif j != device.index and not torch.cuda.can_device_access_peer(device.index, j):
+                problems.append(f"GPU {device.index} has no peer access to GPU {j} (rank {p})")
+    problems = world.allgather(problems[0] if problems else None)
+    first = next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
+    return first
+
+
+class SendRing:
+    """This rank's view of one peer's ring for it: where to write, which slots are free."""
+
+    def __init__(self, tr: "IPCTransport", comm, peer: int, remote, freed: list, filled: list):
+        self.tr, self.comm, self.peer = tr, comm, peer
+        self.remote = remote            # device address of slot 0 (GPU), or a uint8 array (shm)
+        self.freed, self.filled = freed, filled     # the peer's events, this rank's events
+        self.free = deque(range(tr.slots))
+        self.credits: deque = deque()   # posted receives for slots handed back, oldest first
+        self.stream = torch.cuda.Stream(tr.device) if tr.cuda else None
+
+    def take(self) -> int | None:
+        while self.credits and self.tr.arrived(self.credits[0][0], f"slot handed back by rank {self.peer}"):
+            _, buf = self.credits.popleft()
+            self.free.append(int(buf[0]))
+        if not self.free:
+            return None
+        slot = self.free.popleft()
+        buf = np.zeros(1, dtype=np.int64)
+        self.credits.append((self.comm.Irecv([buf, MPI.INT64_T], source=self.peer, tag=GO_TAG), buf))
+        return slot
+
+    def fill(self, slot: int, x: torch.Tensor, ready) -> None:
+        tr, nbytes = self.tr, x.shape[0] * self.tr.row_bytes
+        if not tr.cuda:
+            start = slot * tr.slot_bytes
+            self.remote[start:start + nbytes] = x.contiguous().view(-1).view(torch.uint8).numpy()
+            return
+        with torch.cuda.stream(self.stream):
+            if ready is not None:
+                self.stream.wait_event(ready)
+            self.stream.wait_event(self.freed[slot])
+            tr.driver.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.stream)
+            self.filled[slot].record(self.stream)
+        x.record_stream(self.stream)
+
+
+class RecvRing:
+    """This rank's ring for one peer: the slots, and the events that order their use."""
+
+    def __init__(self, tr: "IPCTransport", comm, peer: int, local: torch.Tensor, freed: list, filled: list):
+        self.tr, self.comm, self.peer = tr, comm, peer
+        self.local = local              # (slots, max_rows, hidden)
+        self.freed, self.filled = freed, filled     # this rank's events, the peer's events
+
+    def ready(self, slot: int) -> bool:
+        return not self.tr.cuda or self.filled[slot].query()
+
+    def take_out(self, slot: int, rows: int, out: torch.Tensor | None) -> torch.Tensor:
+        """The message's rows copied out of the slot (into ``out`` if given), and the slot handed back."""
+        view = self.local[slot, :rows]
+        if out is None:
+            out = view.clone()
+        else:
+            out.copy_(view)
+        if self.tr.cuda:
+            self.freed[slot].record(torch.cuda.current_stream(self.tr.device))
+        buf = np.array([slot], dtype=np.int64)
+        self.tr.small.append((self.comm.Isend([buf, MPI.INT64_T], dest=self.peer, tag=GO_TAG), buf))
+        return out
+
+
+class IpcSend(Op):
+    def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what: str, ready=None):
+        self.tr, self.comm, self.peer, self.step, self.what = tr, comm, peer, step, what
+        self.ring = tr.send_rings[(id(comm), peer)]
+        self.x, self.reqs, self.posted = x, [], False
+        if x.shape[0] > tr.max_rows:
+            raise RuntimeError(f"{what}: {x.shape[0]} rows, but the transport's slots hold {tr.max_rows}")
+        # x is computed once the compute stream gets here, or where the caller's event says
+        if tr.cuda and x.shape[0] and ready is None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(tr.device))
+        self.ready = ready
+
+    def progress(self) -> bool:
+        if not self.posted:
+            rows, slot = self.x.shape[0], -1
+            if rows:
+                slot = self.ring.take()
+                if slot is None:
+                    return False
+                self.ring.fill(slot, self.x, self.ready)
+            self.control = np.array([self.step, rows, slot], dtype=np.int64)
+            self.reqs.append(self.comm.Isend([self.control, MPI.INT64_T], dest=self.peer, tag=CONTROL_TAG))
+            self.posted, self.x, self.ready = True, None, None
+        return test_requests(self.reqs, [self.what])
+
+
+class IpcRecv(Op):
+    def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, out: torch.Tensor | None,
+                 cap: int | None, what: str):
+        self.tr, self.what, self.out, self.cap = tr, what, out, cap
+        self.ring = tr.recv_rings[(id(comm), peer)]
+        self.arrived, self.taken, self.n, self.slot = False, False, 0, -1
+        tr.await_control(comm, peer, step, self)
+
+    def on_control(self, rows: int, slot: int) -> None:
+        if self.out is not None and rows != self.out.shape[0]:
+            raise RuntimeError(f"{self.what}: {rows} rows announced, {self.out.shape[0]} expected")
+        if self.cap is not None and rows > self.cap:
+            raise RuntimeError(f"{self.what}: {rows} rows announced, at most {self.cap} expected")
+        self.n, self.slot, self.arrived = rows, slot, True
+
+    def progress(self) -> bool:
+        return self.arrived and (self.n == 0 or self.ring.ready(self.slot))
+
+    def wait(self) -> None:
+        if self.taken:
+            return
+        self.taken = True
+        if self.n:
+            with self.tr.lock:
+                self.out = self.ring.take_out(self.slot, self.n, self.out)
+        elif self.out is None:
+            self.out = torch.empty(0, self.tr.hidden, dtype=self.tr.dtype, device=self.tr.device)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.out
+
+
+class IpcChannel:
+    def __init__(self, tr: "IPCTransport"):
+        self.tr = tr
+
+    def send(self, comm, peer: int, step: int, x: torch.Tensor, *, sized: bool, what: str, ready=None) -> Op:
+        return IpcSend(self.tr, comm, peer, step, x, what, ready)
+
+    def recv(self, comm, peer: int, step: int, *, out: torch.Tensor | None = None, cap: int | None = None,
+             what: str, fresh: bool = False) -> Op:
+        return IpcRecv(self.tr, comm, peer, step, out, cap, what)
+
+
+class IPCTransport(OpTransport):
+    """Copies into rings that receivers lent through CUDA IPC, one node (see the module's docstring).
+    ``max_rows``: the most rows of one message (a micro-batch's tokens); ``slots``: messages a pair
+    may have outstanding (above the micro-batches a front keeps in flight)."""
+
+    name = "ipc"
+
+    def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                 world, max_rows: int, slots: int, backend: str = "cuda"):
+        super().__init__(layer_comms, n_fronts, hidden, dtype, device)
+        self.cuda = backend == "cuda"
+        if self.cuda != (device.type == "cuda"):
+            raise ValueError(f"IPC transport backend {backend!r} on device {device}")
+        self.world, self.max_rows, self.slots = world, max(1, int(max_rows)), max(1, int(slots))
+        self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
+        self.slot_bytes = self.max_rows * self.row_bytes
+        self.driver = Driver() if self.cuda else None
+        self.me = world.Get_rank()
+        self.channel_ = IpcChannel(self)
+        self.controls: dict[tuple, deque] = {}     # (comm, peer) -> posted control receives, in order
+        self.waiting: dict[tuple, IpcRecv] = {}     # (comm, peer, step) -> receive waiting for its control
+        self.early: dict[tuple, tuple] = {}         # (comm, peer, step) -> (rows, slot) before its receive
+        self.small: list = []                       # slot hand-backs in flight, with their buffers
+        self.send_rings: dict[tuple, SendRing] = {}
+        self.recv_rings: dict[tuple, RecvRing] = {}
+        self._opened: dict[bytes, int] = {}
+        self._build(world)
+        atexit.register(self._flush)
+
+    def channel(self, comm, peer: int) -> IpcChannel:
+        return self.channel_
+
+    # --- set-up ---
+    def _pairs(self, world) -> list[tuple[object, int, int]]:
+        """(layer communicator, peer in it, peer's world rank) for every peer, in a fixed order."""
+        from .nccl import _world_ranks
+
+        out = []
+        for _, comm in sorted(self.comms.items()):
+            ranks, mine = _world_ranks(comm, world), comm.Get_rank()
+            others = range(self.n_fronts, len(ranks)) if mine < self.n_fronts else range(self.n_fronts)
+            out += [(comm, r, ranks[r]) for r in others]
+        return out
+
+    def _build(self, world) -> None:
+        pairs = self._pairs(world)
+        n_slots = len(pairs) * self.slots
+        elems = n_slots * self.slot_bytes // torch.empty(0, dtype=self.dtype).element_size()
+        lent = [dict() for _ in range(world.Get_size())]     # what each peer needs from this rank
+        if self.cuda:
+            self.ring = torch.empty(elems, dtype=self.dtype, device=self.device)
+            handle, offset = self.driver.export(self.ring.data_ptr())
+            mk = lambda: torch.cuda.Event(interprocess=True)   # noqa: E731
+        else:
+            node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+            self.window = MPI.Win.Allocate_shared(max(1, n_slots * self.slot_bytes), 1, comm=node)
+            buf, _ = self.window.Shared_query(node.Get_rank())
+            self.ring = torch.frombuffer(buf, dtype=torch.uint8)[: n_slots * self.slot_bytes].view(self.dtype)
+            handle, offset = node.Get_rank(), 0
+            mk = lambda: None   # noqa: E731
+        per_slot = self.slots * self.slot_bytes
+        mine_freed, mine_filled = {}, {}
+        for i, (comm, peer, wr) in enumerate(pairs):
+            mine_freed[wr] = [mk() for _ in range(self.slots)]
+            mine_filled[wr] = [mk() for _ in range(self.slots)]
+            ipc = (lambda evs: [e.ipc_handle() for e in evs]) if self.cuda else (lambda evs: evs)
+            lent[wr] = {"handle": handle, "offset": offset + i * per_slot, "freed": ipc(mine_freed[wr]),
+                        "filled": ipc(mine_filled[wr])}
+        got = world.alltoall(lent)
+        for i, (comm, peer, wr) in enumerate(pairs):
+            theirs = got[wr]
+            local = self.ring[i * per_slot // self.ring.element_size():(i + 1) * per_slot // self.ring.element_size()]
+            local = local.view(self.slots, self.max_rows, self.hidden)
+            if self.cuda:
+                remote = self._open(theirs["handle"]) + theirs["offset"]
+                freed = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in theirs["freed"]]
+                filled = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in theirs["filled"]]
+            else:
+                rbuf, _ = self.window.Shared_query(theirs["handle"])
+                remote = np.frombuffer(rbuf, dtype=np.uint8)[theirs["offset"]:theirs["offset"] + per_slot]
+                freed = filled = [None] * self.slots
+            self.send_rings[(id(comm), peer)] = SendRing(self, comm, peer, remote, freed, mine_filled[wr])
+            self.recv_rings[(id(comm), peer)] = RecvRing(self, comm, peer, local, mine_freed[wr], filled)
+        if not self.cuda:
+            node.Free()
+        world.Barrier()
+        log.debug("IPC transport: %d peers, %d slots of %d rows each, %.1f MB lent",
+                  len(pairs), self.slots, self.max_rows, n_slots * self.slot_bytes / 1e6)
+
+    def _open(self, handle: bytes) -> int:
+        """A peer's allocation mapped into this process, once per allocation."""
+        if handle not in self._opened:
+            self._opened[handle] = self.driver.open_handle(handle)
+        return self._opened[handle]
+
+    # --- control plane ---
+    def arrived(self, req, what: str) -> bool:
+        try:
+            return req.Test()
+        except MPI.Exception as exc:
+            raise PeerFailure.of(exc, [what]) from None
+
+    def await_control(self, comm, peer: int, step: int, op: IpcRecv) -> None:
+        key = (id(comm), peer, step)
+        if key in self.early:
+            op.on_control(*self.early.pop(key))
+            return
+        self.waiting[key] = op
+        self._post_control(comm, peer)
+
+    def _post_control(self, comm, peer: int) -> None:
+        buf = np.zeros(3, dtype=np.int64)
+        self.controls.setdefault((id(comm), peer), deque()).append(
+            (comm.Irecv([buf, MPI.INT64_T], source=peer, tag=CONTROL_TAG), buf, comm))
+
+    def poll(self) -> None:
+        """Deliver arrived control words, each peer's in arrival (= posting) order."""
+        for (cid, peer), queue in self.controls.items():
+            while queue and self.arrived(queue[0][0], f"control message from rank {peer} of a layer"):
+                _, buf, comm = queue.popleft()
+                step, rows, slot = (int(v) for v in buf)
+                op = self.waiting.pop((cid, peer, step), None)
+                if op is not None:
+                    op.on_control(rows, slot)
+                else:   # for a receive not posted yet: keep it, and re-post the receive it used
+                    self.early[(cid, peer, step)] = (rows, slot)
+                    self._post_control(comm, peer)
+        if self.small and MPI.Request.Testall([r for r, _ in self.small]):
+            self.small.clear()
+
+    def _pass(self) -> None:
+        self.poll()
+        super()._pass()
+
+    def background_progress(self) -> None:
+        if any(self.controls.values()):
+            with self.lock:
+                self.poll()
+
+    def _flush(self, timeout: float = 5.0) -> None:
+        """Complete the last slot hand-backs before MPI is finalised."""
+        deadline = time.monotonic() + timeout
+        while self.small and time.monotonic() < deadline:
+            if MPI.Is_finalized() or MPI.Request.Testall([r for r, _ in self.small]):
+                break
+        self.small.clear()
