@@ -142,12 +142,11 @@ class SendRing:
             start = slot * tr.slot_bytes
             self.remote[start:start + nbytes] = x.contiguous().view(-1).view(torch.uint8).numpy()
             return
-        with torch.cuda.stream(self.stream):
-            if ready is not None:
-                self.stream.wait_event(ready)
-            self.stream.wait_event(self.freed[slot])
-            tr.driver.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.stream)
-            self.filled[slot].record(self.stream)
+        if ready is not None:
+            self.stream.wait_event(ready)
+        self.stream.wait_event(self.freed[slot])
+        tr.driver.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.stream)
+        self.filled[slot].record(self.stream)
         x.record_stream(self.stream)
 
 
@@ -334,7 +333,7 @@ class IPCTransport(OpTransport):
         if not self.cuda:
             node.Free()
         world.Barrier()
-        log.debug("IPC transport: %d peers, %d slots of %d rows each, %.1f MB lent",
+        log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of GPU memory lent to them",
                   len(pairs), self.slots, self.max_rows, n_slots * self.slot_bytes / 1e6)
 
     def _open(self, handle: bytes) -> int:
