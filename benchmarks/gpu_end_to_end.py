@@ -7,9 +7,10 @@ same slice and the same tokens in one process on one GPU, in one run.
 The slice: hidden 7168, MLA 128 heads x 56, dense and expert MLP hidden 18432, vocabulary 129280;
 3 layers (1 dense, 2 MoE), 4 experts per MoE layer, top-2.  Distributed layouts (``--variants``):
 ``place=split`` (an MPMD launch) puts F fronts alone on the first GPUs and the 8 expert ranks on the
-rest (time-sliced), so every exchanging pair is on two GPUs and NCCL carries all of it;
-``place=shared`` binds all ranks round-robin over the 4 GPUs, a front and two experts per GPU, the
-pairs on one GPU exchanging through pinned host memory.  Reported: tokens/s
+rest (time-sliced), so every exchanging pair is on two GPUs;
+``place=shared`` binds all ranks round-robin over the 4 GPUs, a front and two experts per GPU (the
+pairs on one GPU exchange by copies within it under the IPC transport, which ``auto`` takes on one
+node, and through pinned host memory under NCCL's; ``transport=`` picks one per run).  Reported: tokens/s
 of both runs and their ratio, end-to-end MFU (useful model flops over GPUs x the matrix-product peak
 measured in this run), busy fraction per rank (the runtime's host spans) and GPU utilisation
 (nvidia-smi, sampled over each scoring window), micro-batch latency p50/p99, and the agreement of the
@@ -290,8 +291,7 @@ def run_all(args, work: Path) -> int:
         if device.type == "cpu" or n_gpus < 2 or place == "shared":
             cmd = [*mpiexec(), "-n", str(F + n_experts), "env", *envs, *py, str(out), *rest]
             where = (f"{F} fronts and {n_experts} experts bound round-robin to GPUs 0-{n_gpus - 1} by rank "
-                     "(one launch; a front shares its GPU with experts, and those pairs exchange through "
-                     "pinned host memory)" if n_gpus else f"{F} fronts and {n_experts} experts on CPU processes")
+                     "(one launch; a front shares its GPU with experts)" if n_gpus else f"{F} fronts and {n_experts} experts on CPU processes")
         else:
             k = min(F, n_gpus - 1)
             front_gpus = ",".join(map(str, range(k)))

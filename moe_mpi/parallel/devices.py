@@ -127,8 +127,9 @@ def describe_sharing(slots: list[Slot]) -> str:
                      f"ranks {_ranks(ranks)}")
     if without:
         lines.append("  Without MPS a process gets 1/k of a GPU that k processes keep busy, and a rank "
-                     "waiting in an NCCL receive keeps it busy; start an MPS daemon on each node "
-                     "(nvidia-cuda-mps-control -d) before the launch: docs/gpu.md")
+                     "waiting in an NCCL receive keeps it busy (one waiting for an IPC copy does not); "
+                     "an MPS daemon on each node (nvidia-cuda-mps-control -d) before the launch lets "
+                     "kernels run side by side: docs/gpu.md")
     return "\n".join(lines)
 
 
