@@ -112,13 +112,13 @@ def test_random_weights_are_the_same_on_every_device():
 
 
 @pytest.mark.parametrize("transport,thread,slots", [("mpi-staged", "0", ""), ("nccl", "0", ""), ("nccl", "1", ""),
-                                                    ("ipc", "0", ""), ("ipc", "1", "1")])
+                                                    ("ipc", "0", ""), ("ipc", "1", "3")])
 def test_transport_protocols_on_cpu(tmp_path, reference, transport, thread, slots):
     """The staged transport's chunks, the NCCL transport's control/go-ahead protocol (MPI carrying
     the payloads, four pretend GPUs so that some pairs share one and take the staged path) and the IPC
     transport's rings and slot hand-backs (over an MPI shared-memory window), with and without the
-    progress thread, give the 1-rank results exactly.  One IPC slot per pair makes senders wait for the
-    receiver to hand each slot back."""
+    progress thread, give the 1-rank results exactly.  IPC also with as many slots per pair as
+    micro-batches in flight, the least it allows."""
     path, ref, _ = reference
     out = tmp_path / "out.h5"
     run_env = dict(env(), MOE_MPI_TEST_NCCL_OVER_MPI="1", MOE_MPI_TEST_CPU_GPUS="4", MOE_MPI_STAGE_CHUNK_MB="0.002",
@@ -325,3 +325,42 @@ def test_front_forward_never_waits_for_the_gpu():
     for g, w in zip(got, want):
         assert g.length == w.length and np.array_equal(g.token_logprobs, w.token_logprobs, equal_nan=True)
         assert np.array_equal(g.expert_ids, w.expert_ids)
+
+
+def test_ipc_slots_below_in_flight_are_refused(tmp_path, reference):
+    """Fewer IPC slots per pair than micro-batches in flight could deadlock: refused before any work,
+    naming the setting, with nothing written."""
+    path, _, _ = reference
+    out = tmp_path / "out.h5"
+    cmd = mpi_python(10, "-m", "moe_mpi", "score", path, out, "--config", "tiny", "--front-ranks", 2,
+                     "--in-flight", 3, "--transport", "ipc")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(env(), MOE_MPI_IPC_SLOTS="2"),
+                          cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "MOE_MPI_IPC_SLOTS=2 is below --in-flight 3" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.h5*"))
+
+
+def test_ipc_transport_says_which_pair_is_off_node(monkeypatch):
+    """ipc_possible names the first rank whose peer is on another node; with every peer on this node
+    (and CPU ranks, which need no peer access) it has nothing to say."""
+    from moe_mpi.parallel import ipc
+
+    class World:                     # what ipc_possible asks of the world: its rank and allgathers
+        def __init__(self, hosts):
+            self.hosts = hosts
+
+        def Get_rank(self):
+            return 0
+
+        def allgather(self, obj):
+            if isinstance(obj, tuple):           # (host, GPU) of every rank
+                return [(h, "cpu") for h in self.hosts]
+            return [obj] + [None] * (len(self.hosts) - 1)
+
+    monkeypatch.setattr(ipc, "exchange_peers", lambda comms, n_fronts, world: {1, 2})
+    monkeypatch.setattr(ipc.socket, "gethostname", lambda: "node-a")
+    cpu = torch.device("cpu")
+    assert ipc.ipc_possible(World(["node-a", "node-a", "node-a"]), {}, 1, cpu) is None
+    why = ipc.ipc_possible(World(["node-a", "node-a", "node-b"]), {}, 1, cpu)
+    assert why == "rank 0: rank 2 is on node-b, this rank on node-a"

@@ -14,9 +14,10 @@ message per message.
 * Control plane (MPI): the sender posts (step, rows, slot) on CONTROL_TAG once its copy is queued;
   the receiver takes a message as arrived when the control word is there and ``filled`` has passed
   (an event query), so the runtime never queues work behind a copy still in flight.  After the copy
-  out, the receiver hands the slot back on GO_TAG.  A sender with no free slot waits for one: with
-  ``slots`` above the micro-batches a front keeps in flight, that never happens in the runtime (a
-  pair never has more messages outstanding than the front has micro-batches).
+  out, the receiver hands the slot back on GO_TAG.  A sender with no free slot waits for one.  The
+  runtime gives a pair at least as many slots as a front keeps micro-batches in flight, as many as
+  the pair can have messages outstanding: with fewer, a front could fill an expert's slots with later
+  micro-batches while the expert, which takes steps in order, waits for an earlier one.
 
 ``backend="shm"`` runs the same protocol on CPUs over an MPI shared-memory window (the rings) with
 plain copies, so the tests exercise it on machines without GPUs.

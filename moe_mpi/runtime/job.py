@@ -87,11 +87,29 @@ class Prepared:
         return int(sum(self.spec.lengths[seqs].sum() for mbs in plan.per_front for seqs in mbs.values()))
 
 
+def ipc_slots(opts: ScoreOptions) -> int:
+    """Slots per pair in the IPC transport's rings: MOE_MPI_IPC_SLOTS, by default --in-flight + 1.
+    Fewer than --in-flight could deadlock: a pair can have that many messages outstanding, and an
+    expert takes them in step order, so a sender waiting for a slot held by a later step would wait
+    for good."""
+    raw = os.environ.get("MOE_MPI_IPC_SLOTS", "")
+    try:
+        slots = int(raw) if raw else opts.in_flight + 1
+    except ValueError:
+        raise ValueError(f"MOE_MPI_IPC_SLOTS must be a whole number, got {raw!r}") from None
+    if slots < opts.in_flight:
+        raise ValueError(f"MOE_MPI_IPC_SLOTS={slots} is below --in-flight {opts.in_flight}: a front and an "
+                         "expert can have that many messages outstanding, and a sender waiting for a slot "
+                         "held by a later micro-batch would wait for good")
+    return slots
+
+
 def prepare(opts: ScoreOptions, cfg: ModelConfig) -> tuple[Prepared, OutputFile]:
     """Every check that can fail on bad input, then open (or reopen) the output.  Raises InputError,
     OutputError or WeightError with a message for the user; nothing is written before all pass."""
     if opts.micro_batch_tokens < 1:
         raise ValueError(f"--micro-batch-tokens must be >= 1, got {opts.micro_batch_tokens}")
+    ipc_slots(opts)
     if not opts.commit_interval >= 0:
         raise ValueError(f"--commit-interval must be >= 0 seconds, got {opts.commit_interval}")
     spec = validate_input(opts.input, cfg)

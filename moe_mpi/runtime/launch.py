@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import traceback
@@ -19,7 +18,7 @@ from ..io.inputs import InputError
 from ..io.outputs import OutputError
 from ..model.weights import WeightError
 from .interrupt import EXIT_INTERRUPTED, Interrupt
-from .job import Interrupted, ScoreOptions, load_config, prepare, run_attributes
+from .job import Interrupted, ScoreOptions, ipc_slots, load_config, prepare, run_attributes
 from .watchdog import abort_job
 
 log = logging.getLogger("moe_mpi")
@@ -118,7 +117,7 @@ def _distributed(opts: ScoreOptions, comm_world, interrupt: Interrupt) -> int:
         max_rows = max((plan.tokens(fr, st, lengths) for st in plan.steps for fr in plan.senders(st)), default=1)
         transport = make_transport(opts.transport, comms.layers, layout.n_fronts, cfg.hidden_size,
                                    opts.torch_dtype, device, world=comms.world, max_rows=max_rows,
-                                   slots=int(os.environ.get("MOE_MPI_IPC_SLOTS", opts.in_flight + 1)))
+                                   slots=ipc_slots(opts))
         control = StopControl(comms.world, layout.n_fronts, interrupt, is_front=role.kind == "front")
         ctx = Context(opts, cfg, layout, role, comms, prep, plan, transport, rec, device, control)
         transport.rec = rec       # passes over the live messages show in the trace ('progress' spans)
