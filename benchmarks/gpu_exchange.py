@@ -63,60 +63,76 @@ def micro_batch(front: int, step: int, n_rows: int, hidden: int, dtype, device) 
 
 
 def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int], hidden, dtype, device,
-              in_flight: int, xs: dict | None) -> int:
-    """All micro-batches through every layer and back; returns how many came back wrong."""
+              in_flight: int, xs: dict | None, clock: list) -> int:
+    """All micro-batches through every layer and back; returns how many came back wrong.  The check
+    adds up on the device (no host sync per micro-batch: the all-to-all baselines have none); the
+    host time inside the transport's calls is added to clock[0]."""
     offsets = [0]
     for r in rows:
         offsets.append(offsets[-1] + r)
-    active, nxt, bad = {}, 0, 0
+    active, nxt = {}, 0
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
     while nxt < len(steps) or active:
         while len(active) < in_flight and nxt < len(steps):
             s = steps[nxt]
             nxt += 1
             x = xs[s] if xs is not None else micro_batch(front, s, offsets[-1], hidden, dtype, device)
+            t0 = time.perf_counter()
             active[s] = [0, tr.dispatch(0, s, x, offsets), x]
+            clock[0] += time.perf_counter() - t0
         for s in list(active):
             layer, h, x = active[s]
-            if h.test():
-                y = h.result()
-                if layer + 1 < layout.n_moe_layers:
-                    active[s] = [layer + 1, tr.dispatch(layer + 1, s, y, offsets), x]
-                else:
-                    bad += int(not torch.equal(y, x))
-                    del active[s]
-    return bad
+            t0 = time.perf_counter()
+            done = h.test()
+            y = h.result() if done else None
+            if done and layer + 1 < layout.n_moe_layers:
+                active[s] = [layer + 1, tr.dispatch(layer + 1, s, y, offsets), x]
+            clock[0] += time.perf_counter() - t0
+            if done and layer + 1 >= layout.n_moe_layers:
+                wrong += (y != x).any()
+                del active[s]
+    return int(wrong)
 
 
-def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, depth: int) -> None:
+def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, depth: int, clock: list) -> None:
     senders = list(range(layout.n_fronts))
     recvs, replies = {}, []
+
+    def timed(f, *a):
+        t0 = time.perf_counter()
+        out = f(*a)
+        clock[0] += time.perf_counter() - t0
+        return out
+
     for s in range(min(depth, n_steps)):
-        recvs[s] = tr.expect(layer, s, senders, [rows_cap] * len(senders))
+        recvs[s] = timed(tr.expect, layer, s, senders, [rows_cap] * len(senders))
     for s in range(n_steps):
         r = recvs.pop(s)
-        while not r.test():
+        while not timed(r.test):
             time.sleep(0)
-        replies.append(tr.reply(layer, s, r.senders, r.rows()))
+        replies.append(timed(lambda: tr.reply(layer, s, r.senders, r.rows())))
         if s + depth < n_steps:
-            recvs[s + depth] = tr.expect(layer, s + depth, senders, [rows_cap] * len(senders))
-        replies = [h for h in replies if not h.test()]
+            recvs[s + depth] = timed(tr.expect, layer, s + depth, senders, [rows_cap] * len(senders))
+        replies = [h for h in replies if not timed(h.test)]
     while replies:
-        replies = [h for h in replies if not h.test()]
+        replies = [h for h in replies if not timed(h.test)]
 
 
-def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device, steps_order, xs) -> tuple[float, int]:
+def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device, steps_order, xs) -> tuple[float, int, float]:
+    """Seconds for every micro-batch (the slowest rank), micro-batches that came back wrong, and the
+    largest fraction of that time a rank's host spent inside the transport's calls."""
     rows = rows_for(tokens, args.top_k, layout.n_experts)
     comms.world.Barrier()
     t0 = time.perf_counter()
-    bad = 0
+    bad, clock = 0, [0.0]
     if role.kind == "front":
-        bad = run_front(tr, layout, role.front, steps_order, rows, hidden, dtype, device, args.in_flight, xs)
+        bad = run_front(tr, layout, role.front, steps_order, rows, hidden, dtype, device, args.in_flight, xs, clock)
     else:
-        run_expert(tr, layout, role.layer, len(steps_order), max(rows), max(2, args.in_flight))
+        run_expert(tr, layout, role.layer, len(steps_order), max(rows), max(2, args.in_flight), clock)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = comms.world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    return elapsed, comms.world.allreduce(bad, op=MPI.SUM)
+    return elapsed, comms.world.allreduce(bad, op=MPI.SUM), comms.world.allreduce(clock[0], op=MPI.MAX) / elapsed
 
 
 def main() -> int:
@@ -185,12 +201,15 @@ def main() -> int:
             xs = {s: micro_batch(role.front, s, sum(rows), args.hidden, dtype, device) for s in order}
         for name, tr in transports.items():
             time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, [0, 1], xs)  # warm-up
-            best, bad = float("inf"), 0
+            best, bad, host = float("inf"), 0, None
             for _ in range(args.repeats):
-                t, b = time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, order, xs)
-                best, bad = min(best, t), bad + b
+                t, b, h = time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, order, xs)
+                if t < best:
+                    best, host = t, h
+                bad += b
             results.append({"transport": name, "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6,
-                            "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad})
+                            "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad,
+                            "host_in_transport": host})
         if groups is not None:
             time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, 2)  # warm-up
             best, bad = float("inf"), 0

@@ -46,6 +46,8 @@ def report(data: dict) -> str:
             ("message_mb", "MB per message", ".1f"), ("seconds", "time (s)", ".4f"),
             ("gbps", "GB/s (all GPUs)", ".1f"), ("gbps_per_gpu", "GB/s per GPU", ".1f"),
             ("vs_best_a2a", "vs best NCCL a2a", ".2f"), ("wrong_micro_batches", "wrong", "")]
+    if any("host_in_transport" in r for r in results):
+        cols.append(("host_in_transport", "busiest host in transport calls", ".2f"))
     md = [f"# Exchange: dispatch + combine between {world} ranks ({env['card']})", "",
           f"{n_fronts} fronts + {n_moe} MoE layer(s) x {n_experts} experts, one rank per "
           f"{'GPU' if args['device'] == 'cuda' else 'CPU process'}; hidden {args['hidden']} bf16, top-{args['top_k']}; "
@@ -58,7 +60,10 @@ def report(data: dict) -> str:
           "from `nccl` is the cost of the protocol and its distance from the all-to-all the cost of one "
           "communicator per pair and direction. `ipc`: each message one copy-engine copy into a ring the "
           "receiver lent through CUDA IPC, an MPI control word beside it. "
-          "'wrong' counts micro-batches whose round trip did not return the bytes sent.", "",
+          "'wrong' counts micro-batches whose round trip did not return the bytes sent (added up on "
+          "the device, read at the end). 'busiest host in transport calls': the largest fraction of the "
+          "time that one rank's host spent inside the transport's calls (posting, testing, taking "
+          "results), for the best repeat; near 1, that rank's host sets the pace.", "",
           md_table(results, cols), "", *([verdict(results), ""] if verdict(results) else []),
           "Host time to post one operation (mean of 200, microseconds): "
           + (", ".join(f"{k} {v:.1f}" for k, v in overhead.items()) or "not measured") + " (`nccl_*`: "
