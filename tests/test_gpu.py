@@ -354,8 +354,8 @@ def test_ipc_transport_says_which_pair_is_off_node(monkeypatch):
             return 0
 
         def allgather(self, obj):
-            if isinstance(obj, tuple):           # (host, GPU) of every rank
-                return [(h, "cpu") for h in self.hosts]
+            if isinstance(obj, tuple):           # (host, GPU, ring bytes) of every rank
+                return [(h, "cpu", 0) for h in self.hosts]
             return [obj] + [None] * (len(self.hosts) - 1)
 
     monkeypatch.setattr(ipc, "exchange_peers", lambda comms, n_fronts, world: {1, 2})
@@ -364,3 +364,25 @@ def test_ipc_transport_says_which_pair_is_off_node(monkeypatch):
     assert ipc.ipc_possible(World(["node-a", "node-a", "node-a"]), {}, 1, cpu) is None
     why = ipc.ipc_possible(World(["node-a", "node-a", "node-b"]), {}, 1, cpu)
     assert why == "rank 0: rank 2 is on node-b, this rank on node-a"
+
+
+@needs_cuda
+def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
+    """With a share given (what --transport auto does), rings over that share of the GPU's memory are
+    a reason not to take IPC, said with the sizes; without one (--transport ipc) they are taken."""
+    from moe_mpi.parallel import ipc
+
+    class World:
+        def Get_rank(self):
+            return 0
+
+        def allgather(self, obj):
+            return [obj]
+
+    monkeypatch.setattr(ipc, "exchange_peers", lambda comms, n_fronts, world: {0})
+    dev = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    assert ipc.ipc_possible(World(), {}, 1, dev, total // 10, share=0.2) is None
+    why = ipc.ipc_possible(World(), {}, 1, dev, total // 2, share=0.2)
+    assert why.startswith("rank 0: the receive rings of the ranks on GPU 0 would take") and "over 20%" in why
+    assert ipc.ipc_possible(World(), {}, 1, dev, total // 2) is None

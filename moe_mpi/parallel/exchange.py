@@ -252,11 +252,12 @@ def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dty
     if name not in TRANSPORTS:
         raise ValueError(f"--transport {name!r} is not one of {', '.join(TRANSPORTS)}")
     if name == "ipc" or (name == "auto" and device.type == "cuda" and world is not None and max_rows):
-        from .ipc import IPCTransport, ipc_possible
+        from .ipc import RING_SHARE, IPCTransport, ipc_possible
 
         if world is None or not max_rows:
             raise ValueError("--transport ipc needs the world communicator and the largest message's rows")
-        why_not = ipc_possible(world, layer_comms, n_fronts, device)
+        ring = slots * max_rows * hidden * torch.empty(0, dtype=dtype).element_size()
+        why_not = ipc_possible(world, layer_comms, n_fronts, device, ring, RING_SHARE if name == "auto" else None)
         if why_not is None:
             if name == "auto":
                 log.info("transport: ipc (every exchanging pair on one node)")
@@ -265,6 +266,7 @@ def make_transport(name: str, layer_comms: dict, n_fronts: int, hidden: int, dty
         if name == "ipc":
             raise ValueError(f"--transport ipc needs every exchanging pair of ranks on one node, each rank "
                              f"seeing its peers' GPUs with peer access; {why_not}")
+        log.info("transport: not ipc (%s)", why_not)
     if device.type != "cuda":
         if name == "mpi-staged":
             return with_progress_thread(StagedTransport(layer_comms, n_fronts, hidden, dtype, device))

@@ -94,12 +94,18 @@ def exchange_peers(comms: dict, n_fronts: int, world) -> set[int]:
     return peers
 
 
-def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device) -> str | None:
+RING_SHARE = 0.2      # auto takes IPC only if the rings of the ranks on a GPU take at most this share of it
+
+
+def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device, ring_bytes_per_peer: int = 0,
+                 share: float | None = None) -> str | None:
     """Why the IPC transport cannot serve this job (None if it can): every exchanging pair must be on
-    one node, and each rank must see its peers' GPUs with peer access between them.  Collective."""
+    one node, and each rank must see its peers' GPUs with peer access between them; with ``share``,
+    the receive rings of all ranks on one GPU (``ring_bytes_per_peer`` for each of a rank's peers) must
+    take at most that share of its memory.  Collective."""
     peers = exchange_peers(comms, n_fronts, world)
     uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else "cpu"
-    table = world.allgather((socket.gethostname(), uuid))
+    table = world.allgather((socket.gethostname(), uuid, len(peers) * ring_bytes_per_peer))
     host = table[world.Get_rank()][0]
     problems = [f"rank {p} is on {table[p][0]}, this rank on {host}" for p in sorted(peers) if table[p][0] != host]
     if device.type == "cuda" and not problems:
@@ -110,6 +116,12 @@ def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device) -> str
                 problems.append(f"rank {p}'s GPU {table[p][1]} is not visible to this rank")
             elif j != device.index and not torch.cuda.can_device_access_peer(device.index, j):
                 problems.append(f"GPU {device.index} has no peer access to GPU {j} (rank {p})")
+        total = torch.cuda.get_device_properties(device).total_memory
+        rings = sum(b for h, u, b in table if (h, u) == (host, uuid))
+        if share is not None and rings > share * total:
+            problems.append(f"the receive rings of the ranks on GPU {device.index} would take {rings / 1e9:.1f} GB, "
+                            f"over {share:.0%} of its {total / 1e9:.0f} GB (lower --in-flight or "
+                            "--micro-batch-tokens, or pass --transport ipc to take them anyway)")
     problems = world.allgather(problems[0] if problems else None)
     first = next((f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
     return first
