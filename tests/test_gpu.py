@@ -358,7 +358,7 @@ def test_ipc_transport_says_which_pair_is_off_node(monkeypatch):
                 return [(h, "cpu", 0) for h in self.hosts]
             return [obj] + [None] * (len(self.hosts) - 1)
 
-    monkeypatch.setattr(ipc, "exchange_peers", lambda comms, n_fronts, world: {1, 2})
+    monkeypatch.setattr(ipc, "exchange_pairs", lambda comms, n_fronts, world: [(None, 1, 1), (None, 2, 2)])
     monkeypatch.setattr(ipc.socket, "gethostname", lambda: "node-a")
     cpu = torch.device("cpu")
     assert ipc.ipc_possible(World(["node-a", "node-a", "node-a"]), {}, 1, cpu) is None
@@ -379,7 +379,7 @@ def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
         def allgather(self, obj):
             return [obj]
 
-    monkeypatch.setattr(ipc, "exchange_peers", lambda comms, n_fronts, world: {0})
+    monkeypatch.setattr(ipc, "exchange_pairs", lambda comms, n_fronts, world: [(None, 0, 0)])
     dev = torch.device("cuda", 0)
     total = torch.cuda.get_device_properties(dev).total_memory
     assert ipc.ipc_possible(World(), {}, 1, dev, total // 10, share=0.2) is None

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .exchange import CONTROL_TAG, GO_TAG, PeerFailure, test_requests
+from .exchange import CONTROL_TAG, GO_TAG, ControlPlane, exchange_pairs, test_requests
 from .ops import Op, OpTransport
 
 log = logging.getLogger("moe_mpi")
@@ -82,18 +82,6 @@ class Driver:
         self.check(self.copy(dst, src, nbytes, stream.cuda_stream), "cuMemcpyAsync")
 
 
-def exchange_peers(comms: dict, n_fronts: int, world) -> set[int]:
-    """World ranks this rank exchanges rows with: a front, every expert; an expert, every front."""
-    from .nccl import _world_ranks
-
-    peers = set()
-    for comm in comms.values():
-        ranks, mine = _world_ranks(comm, world), comm.Get_rank()
-        others = range(n_fronts, len(ranks)) if mine < n_fronts else range(n_fronts)
-        peers.update(ranks[r] for r in others)
-    return peers
-
-
 RING_SHARE = 0.2      # auto takes IPC only if the rings of the ranks on a GPU take at most this share of it
 
 
@@ -103,7 +91,7 @@ def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device, ring_b
     one node, and each rank must see its peers' GPUs with peer access between them; with ``share``,
     the receive rings of all ranks on one GPU (``ring_bytes_per_peer`` for each of a rank's peers) must
     take at most that share of its memory.  Collective."""
-    peers = exchange_peers(comms, n_fronts, world)
+    peers = {wr for _, _, wr in exchange_pairs(comms, n_fronts, world)}
     uuid = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else "cpu"
     table = world.allgather((socket.gethostname(), uuid, len(peers) * ring_bytes_per_peer))
     host = table[world.Get_rank()][0]
@@ -139,7 +127,7 @@ class SendRing:
         self.stream = torch.cuda.Stream(tr.device) if tr.cuda else None
 
     def take(self) -> int | None:
-        while self.credits and self.tr.arrived(self.credits[0][0], f"slot handed back by rank {self.peer}"):
+        while self.credits and test_requests([self.credits[0][0]], [f"slot handed back by rank {self.peer}"]):
             _, buf = self.credits.popleft()
             self.free.append(int(buf[0]))
         if not self.free:
@@ -221,7 +209,7 @@ class IpcRecv(Op):
         self.tr, self.what, self.out, self.cap = tr, what, out, cap
         self.ring = tr.recv_rings[(id(comm), peer)]
         self.arrived, self.taken, self.n, self.slot = False, False, 0, -1
-        tr.await_control(comm, peer, step, self)
+        tr.control.await_control(comm, peer, step, self)
 
     def on_control(self, rows: int, slot: int) -> None:
         if self.out is not None and rows != self.out.shape[0]:
@@ -279,9 +267,7 @@ class IPCTransport(OpTransport):
         self.driver = Driver() if self.cuda else None
         self.me = world.Get_rank()
         self.channel_ = IpcChannel(self)
-        self.controls: dict[tuple, deque] = {}     # (comm, peer) -> posted control receives, in order
-        self.waiting: dict[tuple, IpcRecv] = {}     # (comm, peer, step) -> receive waiting for its control
-        self.early: dict[tuple, tuple] = {}         # (comm, peer, step) -> (rows, slot) before its receive
+        self.control = ControlPlane(3, lambda comm, peer: f"rank {peer} of a layer's communicator")  # (step, rows, slot)
         self.small: list = []                       # slot hand-backs in flight, with their buffers
         self.send_rings: dict[tuple, SendRing] = {}
         self.recv_rings: dict[tuple, RecvRing] = {}
@@ -293,61 +279,51 @@ class IPCTransport(OpTransport):
         return self.channel_
 
     # --- set-up ---
-    def _pairs(self, world) -> list[tuple[object, int, int]]:
-        """(layer communicator, peer in it, peer's world rank) for every peer, in a fixed order."""
-        from .nccl import _world_ranks
-
-        out = []
-        for _, comm in sorted(self.comms.items()):
-            ranks, mine = _world_ranks(comm, world), comm.Get_rank()
-            others = range(self.n_fronts, len(ranks)) if mine < self.n_fronts else range(self.n_fronts)
-            out += [(comm, r, ranks[r]) for r in others]
-        return out
-
     def _build(self, world) -> None:
-        pairs = self._pairs(world)
-        n_slots = len(pairs) * self.slots
-        elems = n_slots * self.slot_bytes // torch.empty(0, dtype=self.dtype).element_size()
-        lent = [dict() for _ in range(world.Get_size())]     # what each peer needs from this rank
+        pairs = exchange_pairs(self.comms, self.n_fronts, world)
+        shape = (len(pairs), self.slots, self.max_rows, self.hidden)     # one ring per peer
+        nbytes = len(pairs) * self.slots * self.slot_bytes
         if self.cuda:
-            self.ring = torch.empty(elems, dtype=self.dtype, device=self.device)
+            self.ring = torch.empty(shape, dtype=self.dtype, device=self.device)
             handle, offset = self.driver.export(self.ring.data_ptr())
-            mk = lambda: torch.cuda.Event(interprocess=True)   # noqa: E731
         else:
             node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-            self.window = MPI.Win.Allocate_shared(max(1, n_slots * self.slot_bytes), 1, comm=node)
+            self.window = MPI.Win.Allocate_shared(max(1, nbytes), 1, comm=node)
             buf, _ = self.window.Shared_query(node.Get_rank())
-            self.ring = torch.frombuffer(buf, dtype=torch.uint8)[: n_slots * self.slot_bytes].view(self.dtype)
+            self.ring = torch.frombuffer(buf, dtype=torch.uint8)[:nbytes].view(self.dtype).view(shape)
             handle, offset = node.Get_rank(), 0
-            mk = lambda: None   # noqa: E731
-        per_slot = self.slots * self.slot_bytes
+
+        def events() -> list:
+            return [torch.cuda.Event(interprocess=True) if self.cuda else None for _ in range(self.slots)]
+
+        def shared(evs: list) -> list:
+            return [e.ipc_handle() for e in evs] if self.cuda else evs
+
+        per_peer = self.slots * self.slot_bytes
+        lent = [dict() for _ in range(world.Get_size())]     # what each peer needs from this rank
         mine_freed, mine_filled = {}, {}
         for i, (comm, peer, wr) in enumerate(pairs):
-            mine_freed[wr] = [mk() for _ in range(self.slots)]
-            mine_filled[wr] = [mk() for _ in range(self.slots)]
-            ipc = (lambda evs: [e.ipc_handle() for e in evs]) if self.cuda else (lambda evs: evs)
-            lent[wr] = {"handle": handle, "offset": offset + i * per_slot, "freed": ipc(mine_freed[wr]),
-                        "filled": ipc(mine_filled[wr])}
+            mine_freed[wr], mine_filled[wr] = events(), events()
+            lent[wr] = {"handle": handle, "offset": offset + i * per_peer, "freed": shared(mine_freed[wr]),
+                        "filled": shared(mine_filled[wr])}
         got = world.alltoall(lent)
         for i, (comm, peer, wr) in enumerate(pairs):
-            theirs = got[wr]
-            local = self.ring[i * per_slot // self.ring.element_size():(i + 1) * per_slot // self.ring.element_size()]
-            local = local.view(self.slots, self.max_rows, self.hidden)
+            theirs, local = got[wr], self.ring[i]
             if self.cuda:
                 remote = self._open(theirs["handle"]) + theirs["offset"]
                 freed = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in theirs["freed"]]
                 filled = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in theirs["filled"]]
             else:
                 rbuf, _ = self.window.Shared_query(theirs["handle"])
-                remote = np.frombuffer(rbuf, dtype=np.uint8)[theirs["offset"]:theirs["offset"] + per_slot]
+                remote = np.frombuffer(rbuf, dtype=np.uint8)[theirs["offset"]:theirs["offset"] + per_peer]
                 freed = filled = [None] * self.slots
             self.send_rings[(id(comm), peer)] = SendRing(self, comm, peer, remote, freed, mine_filled[wr])
             self.recv_rings[(id(comm), peer)] = RecvRing(self, comm, peer, local, mine_freed[wr], filled)
         if not self.cuda:
             node.Free()
         world.Barrier()
-        log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of GPU memory lent to them",
-                  len(pairs), self.slots, self.max_rows, n_slots * self.slot_bytes / 1e6)
+        log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of %s memory lent to them",
+                  len(pairs), self.slots, self.max_rows, nbytes / 1e6, "GPU" if self.cuda else "shared")
 
     def _open(self, handle: bytes) -> int:
         """A peer's allocation mapped into this process, once per allocation."""
@@ -356,37 +332,9 @@ class IPCTransport(OpTransport):
         return self._opened[handle]
 
     # --- control plane ---
-    def arrived(self, req, what: str) -> bool:
-        try:
-            return req.Test()
-        except MPI.Exception as exc:
-            raise PeerFailure.of(exc, [what]) from None
-
-    def await_control(self, comm, peer: int, step: int, op: IpcRecv) -> None:
-        key = (id(comm), peer, step)
-        if key in self.early:
-            op.on_control(*self.early.pop(key))
-            return
-        self.waiting[key] = op
-        self._post_control(comm, peer)
-
-    def _post_control(self, comm, peer: int) -> None:
-        buf = np.zeros(3, dtype=np.int64)
-        self.controls.setdefault((id(comm), peer), deque()).append(
-            (comm.Irecv([buf, MPI.INT64_T], source=peer, tag=CONTROL_TAG), buf, comm))
-
     def poll(self) -> None:
-        """Deliver arrived control words, each peer's in arrival (= posting) order."""
-        for (cid, peer), queue in self.controls.items():
-            while queue and self.arrived(queue[0][0], f"control message from rank {peer} of a layer"):
-                _, buf, comm = queue.popleft()
-                step, rows, slot = (int(v) for v in buf)
-                op = self.waiting.pop((cid, peer, step), None)
-                if op is not None:
-                    op.on_control(rows, slot)
-                else:   # for a receive not posted yet: keep it, and re-post the receive it used
-                    self.early[(cid, peer, step)] = (rows, slot)
-                    self._post_control(comm, peer)
+        """Deliver arrived control words; let finished slot hand-backs go."""
+        self.control.poll()
         if self.small and MPI.Request.Testall([r for r, _ in self.small]):
             self.small.clear()
 
@@ -395,7 +343,7 @@ class IPCTransport(OpTransport):
         super()._pass()
 
     def background_progress(self) -> None:
-        if any(self.controls.values()):
+        if self.control.expecting():
             with self.lock:
                 self.poll()
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from mpi4py import MPI
 
 from .devices import slot_of
-from .exchange import CONTROL_TAG, GO_TAG, PeerFailure, as_bytes, test_requests
+from .exchange import CONTROL_TAG, GO_TAG, ControlPlane, PeerFailure, as_bytes, exchange_pairs, test_requests, world_ranks
 from .ops import Op, OpTransport
 from .staged import StagedChannel
 
@@ -64,16 +64,6 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _world_ranks(comm, world) -> list[int]:
-    """World rank of each rank of ``comm``, in ``comm`` order."""
-    group, wgroup = comm.Get_group(), world.Get_group()
-    try:
-        return MPI.Group.Translate_ranks(group, list(range(comm.Get_size())), wgroup)
-    finally:
-        group.Free()
-        wgroup.Free()
-
-
 class MPIPayload:
     """An MPI request standing in for an NCCL point-to-point operation (``backend="mpi"``, for tests on
     machines without GPUs): it completes in the same order (one tag per direction, MPI keeps order)."""
@@ -95,11 +85,10 @@ class Net:
     def __init__(self, transport: "NCCLTransport", world, backend: str):
         self.t, self.world, self.backend = transport, world, backend
         self.me = world.Get_rank()
-        self.ranks = {id(c): _world_ranks(c, world) for c in transport.comms.values()}
+        self.ranks = {id(c): world_ranks(c, world) for c in transport.comms.values()}
         self.groups: dict[tuple[int, int], object] = {}
-        self.controls: dict[tuple, deque] = {}     # (comm, peer) -> posted control receives, in order
-        self.waiting: dict[tuple, "Recv"] = {}      # (comm, peer, step) -> receive waiting for its control
-        self.early: dict[tuple, int] = {}           # (comm, peer, step) -> rows, control before its receive
+        # (step, rows) before every message
+        self.control = ControlPlane(2, lambda comm, peer: f"rank {self.world_rank(comm, peer)}")
         self.gos: dict[tuple, deque] = {}           # (comm, peer) -> posted go-ahead receives, in order
         self.held: dict[tuple, "Send"] = {}         # (comm, peer, step) -> send waiting for its go-ahead
         # NCCL operations are posted from this stream, made to wait only for the event of their own
@@ -145,15 +134,6 @@ class Net:
         with torch.cuda.stream(self.stream):
             return torch.empty(rows, t.hidden, dtype=t.dtype, device=t.device)
 
-    def _peers(self) -> set[int]:
-        """World ranks this rank exchanges rows with: a front, every expert; an expert, every front."""
-        peers = set()
-        for comm in self.t.comms.values():
-            ranks, mine = self.ranks[id(comm)], comm.Get_rank()
-            others = range(self.t.n_fronts, len(ranks)) if mine < self.t.n_fronts else range(self.t.n_fronts)
-            peers.update(ranks[r] for r in others)
-        return peers
-
     def _build(self, world, backend: str) -> set[int]:
         """Make and warm up the direction groups; return the peers that share this rank's GPU."""
         device = self.t.device
@@ -162,7 +142,7 @@ class Net:
         else:   # CPU tests: every rank its own "GPU", or rank % MOE_MPI_TEST_CPU_GPUS to exercise sharing
             fake = int(os.environ.get("MOE_MPI_TEST_CPU_GPUS", "0"))
             key = (socket.gethostname(), f"cpu {self.me % fake if fake else self.me}")
-        peers = self._peers()
+        peers = {wr for _, _, wr in exchange_pairs(self.t.comms, self.t.n_fronts, world)}
         table = world.allgather((key, sorted(peers)))
         keys = [k for k, _ in table]
         pairs = sorted({(min(r, p), max(r, p)) for r, (_, ps) in enumerate(table) for p in ps if keys[r] != keys[p]})
@@ -188,12 +168,7 @@ class Net:
 
     # --- control plane ---
     def await_control(self, comm, peer: int, step: int, op: "Recv") -> None:
-        key = (id(comm), peer, step)
-        if key in self.early:
-            op.on_control(self.early.pop(key))
-            return
-        self.waiting[key] = op
-        self._post(self.controls, comm, peer, CONTROL_TAG, 2)
+        self.control.await_control(comm, peer, step, op)
 
     def await_go(self, comm, peer: int, step: int, op: "Send") -> None:
         self.held[(id(comm), peer, step)] = op
@@ -214,16 +189,7 @@ class Net:
 
     def poll(self) -> None:
         """Deliver arrived control messages and go-aheads, each queue in arrival (= posting) order."""
-        for (cid, peer), queue in self.controls.items():
-            while queue and self._arrived(queue, peer, "control message"):
-                _, buf, comm = queue.popleft()
-                step, rows = int(buf[0]), int(buf[1])
-                op = self.waiting.pop((cid, peer, step), None)
-                if op is not None:
-                    op.on_control(rows)
-                else:   # for a receive not posted yet: keep it, and re-post the receive it used
-                    self.early[(cid, peer, step)] = rows
-                    self._post(self.controls, comm, peer, CONTROL_TAG, 2)
+        self.control.poll()
         for (cid, peer), queue in self.gos.items():
             while queue and self._arrived(queue, peer, "go-ahead"):
                 _, buf, comm = queue.popleft()
@@ -345,6 +311,6 @@ class NCCLTransport(OpTransport):
         super()._pass()
 
     def background_progress(self) -> None:
-        if any(self.net.controls.values()) or any(self.net.gos.values()):
+        if self.net.control.expecting() or any(self.net.gos.values()):
             with self.lock:
                 self.net.poll()
