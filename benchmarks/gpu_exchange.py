@@ -94,7 +94,13 @@ def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int],
     return int(wrong)
 
 
+def split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    return list(x.split(counts))
+
+
 def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, depth: int, clock: list) -> None:
+    """As the runtime's expert loop, with no MLP: every front's rows joined into one tensor, split and
+    sent back."""
     senders = list(range(layout.n_fronts))
     recvs, replies = {}, []
 
@@ -110,7 +116,7 @@ def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, dept
         r = recvs.pop(s)
         while not timed(r.test):
             time.sleep(0)
-        replies.append(timed(lambda: tr.reply(layer, s, r.senders, r.rows())))
+        replies.append(timed(lambda: tr.reply(layer, s, r.senders, split(*r.joined()))))
         if s + depth < n_steps:
             recvs[s + depth] = timed(tr.expect, layer, s + depth, senders, [rows_cap] * len(senders))
         replies = [h for h in replies if not timed(h.test)]

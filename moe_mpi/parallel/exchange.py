@@ -243,6 +243,13 @@ class ExpertReceive:
         return [buf[: st.Get_count(MPI.BYTE) // self.row_bytes].to(self.device)
                 for buf, st in zip(self.bufs, self.statuses)]
 
+    def joined(self) -> tuple[torch.Tensor, list[int]]:
+        """Every sender's rows in one tensor, in sender order, and each sender's count."""
+        rows = self.rows()
+        if not rows:
+            return torch.empty(0, self.bufs[0].shape[1] if self.bufs else 0, device=self.device), []
+        return torch.cat(rows), [r.shape[0] for r in rows]
+
 
 class MPITransport:
     """MPI on the tensors' own memory over the per-layer communicators: host memory, or device memory

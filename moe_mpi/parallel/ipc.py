@@ -40,6 +40,7 @@ from .ops import Op, OpTransport
 
 log = logging.getLogger("moe_mpi")
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
+CU_EVENT_DISABLE_TIMING = 2
 
 
 class _IpcHandle(ctypes.Structure):
@@ -59,6 +60,14 @@ class Driver:
         self.range.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]
         self.copy = lib.cuMemcpyAsync
         self.copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        # events and streams by their raw handles: a message makes five of these calls on each side,
+        # and torch's Stream and Event wrappers cost several times the driver call each
+        self._record = lib.cuEventRecord
+        self._record.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._wait = lib.cuStreamWaitEvent
+        self._wait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        self._create = lib.cuEventCreate
+        self._create.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
 
     def export(self, ptr: int) -> tuple[bytes, int]:
         """The IPC handle of the allocation holding ``ptr``, and ptr's offset in it."""
@@ -78,8 +87,31 @@ class Driver:
                    "cuIpcOpenMemHandle (mapping a peer's receive buffer)")
         return ptr.value
 
-    def copy_async(self, dst: int, src: int, nbytes: int, stream: torch.cuda.Stream) -> None:
-        self.check(self.copy(dst, src, nbytes, stream.cuda_stream), "cuMemcpyAsync")
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self.check(self.copy(dst, src, nbytes, stream), "cuMemcpyAsync")
+
+    def record(self, event: int, stream: int) -> None:
+        self.check(self._record(event, stream), "cuEventRecord")
+
+    def wait(self, stream: int, event: int) -> None:
+        """``stream`` waits for ``event``'s latest record (as of this call)."""
+        self.check(self._wait(stream, event, 0), "cuStreamWaitEvent")
+
+    def new_event(self) -> int:
+        event = ctypes.c_void_p(0)
+        self.check(self._create(ctypes.byref(event), CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+        return event.value
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """The raw handle of the device's current stream (torch's private accessor, a tenth of the cost of
+    ``torch.cuda.current_stream``; that one where this torch lacks it)."""
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 RING_SHARE = 0.2      # auto takes IPC only if the rings of the ranks on a GPU take at most this share of it
@@ -121,10 +153,11 @@ class SendRing:
     def __init__(self, tr: "IPCTransport", comm, peer: int, remote, freed: list, filled: list):
         self.tr, self.comm, self.peer = tr, comm, peer
         self.remote = remote            # device address of slot 0 (GPU), or a uint8 array (shm)
-        self.freed, self.filled = freed, filled     # the peer's events, this rank's events
+        self.freed, self.filled = freed, filled     # the peer's events, this rank's events (raw handles)
         self.free = deque(range(tr.slots))
         self.credits: deque = deque()   # posted receives for slots handed back, oldest first
         self.stream = torch.cuda.Stream(tr.device) if tr.cuda else None
+        self.handle = self.stream.cuda_stream if tr.cuda else 0
 
     def take(self) -> int | None:
         while self.credits and test_requests([self.credits[0][0]], [f"slot handed back by rank {self.peer}"]):
@@ -137,17 +170,20 @@ class SendRing:
         self.credits.append((self.comm.Irecv([buf, MPI.INT64_T], source=self.peer, tag=GO_TAG), buf))
         return slot
 
-    def fill(self, slot: int, x: torch.Tensor, ready) -> None:
+    def fill(self, slot: int, x: torch.Tensor, ready: int) -> None:
+        """Copy x into the peer's slot once ``ready`` (a raw event handle, 0 for none) has passed and
+        the peer has freed the slot."""
         tr, nbytes = self.tr, x.shape[0] * self.tr.row_bytes
         if not tr.cuda:
             start = slot * tr.slot_bytes
             self.remote[start:start + nbytes] = x.contiguous().view(-1).view(torch.uint8).numpy()
             return
-        if ready is not None:
-            self.stream.wait_event(ready)
-        self.stream.wait_event(self.freed[slot])
-        tr.driver.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.stream)
-        self.filled[slot].record(self.stream)
+        d = tr.driver
+        if ready:
+            d.wait(self.handle, ready)
+        d.wait(self.handle, self.freed[slot])
+        d.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.handle)
+        d.record(self.filled[slot], self.handle)
         x.record_stream(self.stream)
 
 
@@ -157,20 +193,30 @@ class RecvRing:
     def __init__(self, tr: "IPCTransport", comm, peer: int, local: torch.Tensor, freed: list, filled: list):
         self.tr, self.comm, self.peer = tr, comm, peer
         self.local = local              # (slots, max_rows, hidden)
-        self.freed, self.filled = freed, filled     # this rank's events, the peer's events
+        self.freed, self.filled = freed, filled     # this rank's events (raw handles), the peer's events
+        self.views: dict[tuple, torch.Tensor] = {}  # (slot, rows) -> the slot's first rows
 
     def ready(self, slot: int) -> bool:
         return not self.tr.cuda or self.filled[slot].query()
 
+    def view(self, slot: int, rows: int) -> torch.Tensor:
+        key = (slot, rows)
+        v = self.views.get(key)
+        if v is None:
+            if len(self.views) >= 4096:     # row counts vary with routing: keep the cache bounded
+                self.views.clear()
+            v = self.views[key] = self.local[slot, :rows]
+        return v
+
     def take_out(self, slot: int, rows: int, out: torch.Tensor | None) -> torch.Tensor:
         """The message's rows copied out of the slot (into ``out`` if given), and the slot handed back."""
-        view = self.local[slot, :rows]
+        view = self.view(slot, rows)
         if out is None:
             out = view.clone()
         else:
             out.copy_(view)
         if self.tr.cuda:
-            self.freed[slot].record(torch.cuda.current_stream(self.tr.device))
+            self.tr.driver.record(self.freed[slot], current_stream_handle(self.tr.device))
         buf = np.array([slot], dtype=np.int64)
         self.tr.small.append((self.comm.Isend([buf, MPI.INT64_T], dest=self.peer, tag=GO_TAG), buf))
         return out
@@ -183,11 +229,15 @@ class IpcSend(Op):
         self.x, self.reqs, self.posted = x, [], False
         if x.shape[0] > tr.max_rows:
             raise RuntimeError(f"{what}: {x.shape[0]} rows, but the transport's slots hold {tr.max_rows}")
-        # x is computed once the compute stream gets here, or where the caller's event says
-        if tr.cuda and x.shape[0] and ready is None:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(tr.device))
-        self.ready = ready
+        # x is computed once the compute stream gets here (an event of the transport's pool, back in
+        # the pool once the copy's stream waits for it), or where the caller's event says
+        self.ready, self.pooled = 0, False
+        if tr.cuda and x.shape[0]:
+            if ready is None:
+                self.ready, self.pooled = tr.event(), True
+                tr.driver.record(self.ready, current_stream_handle(tr.device))
+            else:
+                self.ready, self.caller_event = ready.cuda_event, ready    # (kept alive until posted)
 
     def progress(self) -> bool:
         if not self.posted:
@@ -197,9 +247,11 @@ class IpcSend(Op):
                 if slot is None:
                     return False
                 self.ring.fill(slot, self.x, self.ready)
+                if self.pooled:
+                    self.tr.events.append(self.ready)
             self.control = np.array([self.step, rows, slot], dtype=np.int64)
             self.reqs.append(self.comm.Isend([self.control, MPI.INT64_T], dest=self.peer, tag=CONTROL_TAG))
-            self.posted, self.x, self.ready = True, None, None
+            self.posted, self.x, self.ready, self.caller_event = True, None, 0, None
         return test_requests(self.reqs, [self.what])
 
 
@@ -220,6 +272,17 @@ class IpcRecv(Op):
 
     def progress(self) -> bool:
         return self.arrived and (self.n == 0 or self.ring.ready(self.slot))
+
+    fills_out = True
+
+    @property
+    def announced(self) -> int:
+        return self.n
+
+    def wait_into(self, out: torch.Tensor) -> None:
+        if self.out is None and not self.taken:
+            self.out = out
+        self.wait()
 
     def wait(self) -> None:
         if self.taken:
@@ -261,6 +324,8 @@ class IPCTransport(OpTransport):
         self.cuda = backend == "cuda"
         if self.cuda != (device.type == "cuda"):
             raise ValueError(f"IPC transport backend {backend!r} on device {device}")
+        if self.cuda and device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.world, self.max_rows, self.slots = world, max(1, int(max_rows)), max(1, int(slots))
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
         self.slot_bytes = self.max_rows * self.row_bytes
@@ -272,11 +337,17 @@ class IPCTransport(OpTransport):
         self.send_rings: dict[tuple, SendRing] = {}
         self.recv_rings: dict[tuple, RecvRing] = {}
         self._opened: dict[bytes, int] = {}
+        self.events: list[int] = []                 # raw events for IpcSend's ``ready``, free to record
+        self._keep: list = []                       # torch events whose raw handles the rings use
         self._build(world)
         atexit.register(self._flush)
 
     def channel(self, comm, peer: int) -> IpcChannel:
         return self.channel_
+
+    def event(self) -> int:
+        """A raw event from the pool (a new one if all are in use)."""
+        return self.events.pop() if self.events else self.driver.new_event()
 
     # --- set-up ---
     def _build(self, world) -> None:
@@ -299,6 +370,9 @@ class IPCTransport(OpTransport):
         def shared(evs: list) -> list:
             return [e.ipc_handle() for e in evs] if self.cuda else evs
 
+        def raw(evs: list) -> list:
+            return [e.cuda_event for e in evs] if self.cuda else evs
+
         per_peer = self.slots * self.slot_bytes
         lent = [dict() for _ in range(world.Get_size())]     # what each peer needs from this rank
         mine_freed, mine_filled = {}, {}
@@ -317,8 +391,9 @@ class IPCTransport(OpTransport):
                 rbuf, _ = self.window.Shared_query(theirs["handle"])
                 remote = np.frombuffer(rbuf, dtype=np.uint8)[theirs["offset"]:theirs["offset"] + per_peer]
                 freed = filled = [None] * self.slots
-            self.send_rings[(id(comm), peer)] = SendRing(self, comm, peer, remote, freed, mine_filled[wr])
-            self.recv_rings[(id(comm), peer)] = RecvRing(self, comm, peer, local, mine_freed[wr], filled)
+            self._keep += [freed, filled, mine_freed[wr], mine_filled[wr]]   # the raw handles' events
+            self.send_rings[(id(comm), peer)] = SendRing(self, comm, peer, remote, raw(freed), raw(mine_filled[wr]))
+            self.recv_rings[(id(comm), peer)] = RecvRing(self, comm, peer, local, raw(mine_freed[wr]), filled)
         if not self.cuda:
             node.Free()
         world.Barrier()

@@ -27,6 +27,15 @@ class Op:
     what: str = ""
     done: bool = False
     order: tuple | None = None
+    fills_out: bool = False     # a receive whose rows ``wait_into`` copies into a tensor given once done
+
+    @property
+    def announced(self) -> int:
+        """A finished receive's row count (where ``fills_out``)."""
+        raise NotImplementedError
+
+    def wait_into(self, out: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def progress(self) -> bool:
         raise NotImplementedError
@@ -76,6 +85,23 @@ class OpReceive:
         for op in self.ops:
             op.wait()
         return [op.rows for op in self.ops]
+
+    def joined(self) -> tuple[torch.Tensor, list[int]]:
+        """Every sender's rows in one (rows, hidden) tensor, in sender order, and each sender's count.
+        Receives that can copy their rows straight into a given tensor (``Op.fills_out``) do, saving
+        the expert a copy of each message and the concatenation."""
+        tr = self.transport
+        if self.ops and all(op.fills_out for op in self.ops):
+            counts = [op.announced for op in self.ops]
+            x = torch.empty(sum(counts), tr.hidden, dtype=tr.dtype, device=tr.device)
+            lo = 0
+            for op, n in zip(self.ops, counts):
+                op.wait_into(x[lo:lo + n])
+                lo += n
+            return x, counts
+        rows = self.rows()
+        x = torch.cat(rows) if rows else torch.empty(0, tr.hidden, dtype=tr.dtype, device=tr.device)
+        return x, [r.shape[0] for r in rows]
 
     def pending(self) -> list[str]:
         return [op.what for op in self.ops if not op.done]

@@ -348,12 +348,11 @@ def run_expert(ctx: Context) -> None:
             waiter.progressed()
             if fault and i == 2:
                 raise RuntimeError("injected fault (MOE_MPI_INJECT_FAULT_RANK)")
-            rows = recv.rows()
-            counts = [r.shape[0] for r in rows]
-            with ctx.rec.span(f"expert step {step}", "compute", step=step, rows=sum(counts)):
-                x = torch.cat(rows) if rows else torch.empty(0, ctx.cfg.hidden_size, device=ctx.device)
+            with ctx.rec.span(f"expert step {step}", "compute", step=step) as span:
+                x, counts = recv.joined()       # every front's rows, one tensor
+                span["rows"] = sum(counts)
                 y = mlp(x) if x.shape[0] else x
-                ys = list(y.split(counts)) if rows else []
+                ys = list(y.split(counts)) if counts else []
             ctx.rec.rows_in += sum(counts)
             with ctx.rec.span(f"reply step {step}", "send", step=step):
                 replies.append(ctx.transport.reply(role.layer, step, recv.senders, ys))

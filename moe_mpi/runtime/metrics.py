@@ -39,7 +39,7 @@ class Recorder:
     def span(self, name: str, cat: str = "compute", **args):
         start = time.perf_counter()
         try:
-            yield
+            yield args          # the caller may add to the span's arguments
         finally:
             end = time.perf_counter()
             if cat == "wait":
