@@ -154,10 +154,8 @@ def main() -> int:
         import cProfile
         import io
         import pstats
-        for cls, name in ((ipc.IpcSend, "__init__"), (ipc.IpcSend, "progress"), (ipc.IpcRecv, "__init__"),
-                          (ipc.IpcRecv, "on_control"), (ipc.IpcRecv, "progress"), (ipc.IpcRecv, "wait"),
-                          (ipc.SendRing, "fill")):
-            setattr(cls, name, ORIGINAL[(cls, name)])
+        for (cls, name), method in ORIGINAL.items():
+            setattr(cls, name, method)
         pr = cProfile.Profile()
         pr.enable()
         t, bad, host = time_transport(tr, comms, layout, role, args, args.tokens, args.hidden, torch.bfloat16,

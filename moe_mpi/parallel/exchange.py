@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .ops import join_rows
+
 # MPI guarantees tags up to 32767.  Data messages are tagged step % TAG_MOD (in-flight steps are far
 # fewer, so wrapping is safe); the two tags above that carry the NCCL transport's row counts and go-aheads.
 TAG_MOD = 32766
@@ -217,9 +219,9 @@ class FrontExchange:
 
 class ExpertReceive:
     def __init__(self, bufs: list[torch.Tensor], reqs: list, statuses: list, senders: list[int],
-                 row_bytes: int, peers: list[str], device: torch.device):
+                 row_bytes: int, peers: list[str], device: torch.device, hidden: int, dtype: torch.dtype):
         self.bufs, self.reqs, self.statuses, self.senders = bufs, reqs, statuses, senders
-        self.row_bytes, self.peers, self.device = row_bytes, peers, device
+        self.row_bytes, self.peers, self.device, self.hidden, self.dtype = row_bytes, peers, device, hidden, dtype
 
     def test(self) -> bool:
         done = True
@@ -245,10 +247,7 @@ class ExpertReceive:
 
     def joined(self) -> tuple[torch.Tensor, list[int]]:
         """Every sender's rows in one tensor, in sender order, and each sender's count."""
-        rows = self.rows()
-        if not rows:
-            return torch.empty(0, self.bufs[0].shape[1] if self.bufs else 0, device=self.device), []
-        return torch.cat(rows), [r.shape[0] for r in rows]
+        return join_rows(self.rows(), self.hidden, self.dtype, self.device)
 
 
 class MPITransport:
@@ -302,7 +301,8 @@ class MPITransport:
             bufs.append(buf)
             statuses.append(MPI.Status())
             peers.append(f"rank {front} (front {front}), micro-batch step {step}")
-        return ExpertReceive(bufs, reqs, statuses, senders, self.row_bytes, peers, self.device)
+        return ExpertReceive(bufs, reqs, statuses, senders, self.row_bytes, peers, self.device, self.hidden,
+                             self.dtype)
 
     def reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> Requests:
         comm, tag = self.comms[layer], step % TAG_MOD

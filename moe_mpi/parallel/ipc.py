@@ -192,25 +192,15 @@ class RecvRing:
 
     def __init__(self, tr: "IPCTransport", comm, peer: int, local: torch.Tensor, freed: list, filled: list):
         self.tr, self.comm, self.peer = tr, comm, peer
-        self.local = local              # (slots, max_rows, hidden)
+        self.slot_tensors = local.unbind(0)     # each slot a (max_rows, hidden) tensor
         self.freed, self.filled = freed, filled     # this rank's events (raw handles), the peer's events
-        self.views: dict[tuple, torch.Tensor] = {}  # (slot, rows) -> the slot's first rows
 
     def ready(self, slot: int) -> bool:
         return not self.tr.cuda or self.filled[slot].query()
 
-    def view(self, slot: int, rows: int) -> torch.Tensor:
-        key = (slot, rows)
-        v = self.views.get(key)
-        if v is None:
-            if len(self.views) >= 4096:     # row counts vary with routing: keep the cache bounded
-                self.views.clear()
-            v = self.views[key] = self.local[slot, :rows]
-        return v
-
     def take_out(self, slot: int, rows: int, out: torch.Tensor | None) -> torch.Tensor:
         """The message's rows copied out of the slot (into ``out`` if given), and the slot handed back."""
-        view = self.view(slot, rows)
+        view = self.slot_tensors[slot][:rows]
         if out is None:
             out = view.clone()
         else:
@@ -231,7 +221,7 @@ class IpcSend(Op):
             raise RuntimeError(f"{what}: {x.shape[0]} rows, but the transport's slots hold {tr.max_rows}")
         # x is computed once the compute stream gets here (an event of the transport's pool, back in
         # the pool once the copy's stream waits for it), or where the caller's event says
-        self.ready, self.pooled = 0, False
+        self.ready, self.pooled, self.caller_event = 0, False, None
         if tr.cuda and x.shape[0]:
             if ready is None:
                 self.ready, self.pooled = tr.event(), True
@@ -273,13 +263,13 @@ class IpcRecv(Op):
     def progress(self) -> bool:
         return self.arrived and (self.n == 0 or self.ring.ready(self.slot))
 
-    fills_out = True
-
     @property
     def announced(self) -> int:
+        """The row count its control word gave (once arrived)."""
         return self.n
 
     def wait_into(self, out: torch.Tensor) -> None:
+        """``wait``, with the rows copied out of the slot into ``out`` (``OpReceive.joined``)."""
         if self.out is None and not self.taken:
             self.out = out
         self.wait()

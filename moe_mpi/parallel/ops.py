@@ -17,6 +17,13 @@ from mpi4py import MPI
 
 log = logging.getLogger("moe_mpi")
 
+
+def join_rows(rows: list[torch.Tensor], hidden: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Senders' rows as one (rows, hidden) tensor, and each sender's count."""
+    x = torch.cat(rows) if rows else torch.empty(0, hidden, dtype=dtype, device=device)
+    return x, [r.shape[0] for r in rows]
+
 class Op:
     """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
     message is sent, or received and its device copy enqueued; ``what`` names the peer for reports.
@@ -27,15 +34,6 @@ class Op:
     what: str = ""
     done: bool = False
     order: tuple | None = None
-    fills_out: bool = False     # a receive whose rows ``wait_into`` copies into a tensor given once done
-
-    @property
-    def announced(self) -> int:
-        """A finished receive's row count (where ``fills_out``)."""
-        raise NotImplementedError
-
-    def wait_into(self, out: torch.Tensor) -> None:
-        raise NotImplementedError
 
     def progress(self) -> bool:
         raise NotImplementedError
@@ -88,10 +86,11 @@ class OpReceive:
 
     def joined(self) -> tuple[torch.Tensor, list[int]]:
         """Every sender's rows in one (rows, hidden) tensor, in sender order, and each sender's count.
-        Receives that can copy their rows straight into a given tensor (``Op.fills_out``) do, saving
-        the expert a copy of each message and the concatenation."""
+        Receives that can copy their rows straight into a given tensor (those with ``wait_into`` and
+        ``announced``, the IPC transport's) do, saving the expert a copy of each message and the
+        concatenation."""
         tr = self.transport
-        if self.ops and all(op.fills_out for op in self.ops):
+        if self.ops and all(hasattr(op, "wait_into") for op in self.ops):
             counts = [op.announced for op in self.ops]
             x = torch.empty(sum(counts), tr.hidden, dtype=tr.dtype, device=tr.device)
             lo = 0
@@ -99,9 +98,7 @@ class OpReceive:
                 op.wait_into(x[lo:lo + n])
                 lo += n
             return x, counts
-        rows = self.rows()
-        x = torch.cat(rows) if rows else torch.empty(0, tr.hidden, dtype=tr.dtype, device=tr.device)
-        return x, [r.shape[0] for r in rows]
+        return join_rows(self.rows(), tr.hidden, tr.dtype, tr.device)
 
     def pending(self) -> list[str]:
         return [op.what for op in self.ops if not op.done]
