@@ -5,8 +5,8 @@ its GPU.  A diagnostic for the small micro-batches, whose time hardly depends on
     mpiexec -n 4 python -m mpi4py benchmarks/gpu_exchange_trace.py --tokens 512 --out DIR
 
 Writes DIR/exchange_trace_rank<r>.json (host stamps, GPU copy times) and prints a summary: per
-message, the time from the sender's post to the receiver seeing the control word, to the copy landing,
-to the rows being taken; per step, each side's host time inside the transport.
+message, the time from the sender's post to the receiver seeing in its mailbox that the copy landed,
+and to the rows being taken; per step, each side's host time inside the transport.
 """
 from __future__ import annotations
 
@@ -40,44 +40,37 @@ def now() -> float:
 
 
 def instrument() -> None:
-    """Wrap the IPC operations so each stamps its stages."""
+    """Wrap the IPC operations so each stamps its stages ('landed': the receiver finds its mailbox says
+    the copy is done; files from before the mailboxes also have 'control', the control word seen)."""
     for cls, name in ((ipc.IpcSend, "__init__"), (ipc.IpcSend, "progress"), (ipc.IpcRecv, "__init__"),
-                      (ipc.IpcRecv, "on_control"), (ipc.IpcRecv, "progress"), (ipc.IpcRecv, "wait"),
-                      (ipc.SendRing, "fill")):
+                      (ipc.IpcRecv, "progress"), (ipc.IpcRecv, "wait"), (ipc.SendRing, "fill")):
         ORIGINAL[(cls, name)] = getattr(cls, name)
     send_init, send_progress = ipc.IpcSend.__init__, ipc.IpcSend.progress
-    recv_init, on_control, recv_progress, recv_wait = (ipc.IpcRecv.__init__, ipc.IpcRecv.on_control,
-                                                       ipc.IpcRecv.progress, ipc.IpcRecv.wait)
+    recv_init, recv_progress, recv_wait = ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv.wait
     # (wait_into calls wait, so a joined receive is stamped too)
     fill = ipc.SendRing.fill
 
     def s_init(self, tr, comm, peer, step, x, what, ready=None):
+        self._stamp = (step, peer)
         STAMPS.append((now(), "send_made", step, peer))
         send_init(self, tr, comm, peer, step, x, what, ready)
 
     def s_progress(self):
-        was = self.posted
         t0 = now()
         out = send_progress(self)
-        if self.posted and not was:
-            STAMPS.append((t0, "send_post_start", self.step, self.peer))
-            STAMPS.append((now(), "send_posted", self.step, self.peer))
+        if out:
+            STAMPS.append((t0, "send_post_start", *self._stamp))
+            STAMPS.append((now(), "send_posted", *self._stamp))
         return out
 
     def r_init(self, tr, comm, peer, step, out, cap, what):
         self._stamp = (step, peer)
-        self._seen_ready = False
         STAMPS.append((now(), "recv_made", step, peer))
         recv_init(self, tr, comm, peer, step, out, cap, what)
 
-    def r_control(self, rows, slot):
-        STAMPS.append((now(), "control", *self._stamp))
-        on_control(self, rows, slot)
-
     def r_progress(self):
         out = recv_progress(self)
-        if out and not self._seen_ready:
-            self._seen_ready = True
+        if out:
             STAMPS.append((now(), "landed", *self._stamp))
         return out
 
@@ -87,22 +80,20 @@ def instrument() -> None:
         STAMPS.append((t0, "take_start", *self._stamp))
         STAMPS.append((now(), "taken", *self._stamp))
 
-    def s_fill(self, slot, x, ready):
-        if not self.tr.cuda:
-            return fill(self, slot, x, ready)
-        # the copy's own start and end on the GPU, after the waits the transport puts before it
+    def s_fill(self, slot, step, x, ready):
+        if not self.tr.cuda or not x.shape[0]:
+            return fill(self, slot, step, x, ready)
+        # the copy's own start and end on the GPU, after the wait the transport puts before it
         if ready:
             self.tr.driver.wait(self.handle, ready)
-        self.tr.driver.wait(self.handle, self.freed[slot])
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record(self.stream)
-        fill(self, slot, x, 0)
+        fill(self, slot, step, x, 0)
         b.record(self.stream)
         COPIES.append((self.peer, slot, now(), a, b))
 
     ipc.IpcSend.__init__, ipc.IpcSend.progress = s_init, s_progress
-    ipc.IpcRecv.__init__, ipc.IpcRecv.on_control = r_init, r_control
-    ipc.IpcRecv.progress, ipc.IpcRecv.wait = r_progress, r_wait
+    ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv.wait = r_init, r_progress, r_wait
     ipc.SendRing.fill = s_fill
 
 

@@ -1,46 +1,53 @@
 """The IPC transport: on one node, rows move GPU to GPU by a copy straight into memory that the
-receiving rank lent the sender through CUDA IPC; MPI stays the launcher and carries one small control
-message per message.
+receiving rank lent the sender through CUDA IPC, and each message is signalled through a mailbox in
+node-shared host memory that the GPUs write themselves; MPI launches the ranks, builds the rings and
+carries nothing per message.
 
 * Rings: every rank that receives from a peer keeps ``slots`` slots of ``max_rows`` rows for it in
   its own GPU memory (one allocation per rank, shared with the peers through ``cudaIpcGetMemHandle``).
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
-* Order on the GPU: each slot has two interprocess CUDA events.  The sender records ``filled`` after
-  its copy, the receiver ``freed`` after the copy out of the slot (on its compute stream, into the
-  tensor the runtime gets); the sender's copy stream waits for ``freed`` before it writes the slot
-  again.  Neither host waits for the other's GPU.
-* Control plane (MPI): the sender posts (step, rows, slot) on CONTROL_TAG once its copy is queued;
-  the receiver takes a message as arrived when the control word is there and ``filled`` has passed
-  (an event query), so the runtime never queues work behind a copy still in flight.  After the copy
-  out, the receiver hands the slot back on GO_TAG.  A sender with no free slot waits for one.  The
-  runtime gives a pair at least as many slots as a front keeps micro-batches in flight, as many as
-  the pair can have messages outstanding: with fewer, a front could fill an expert's slots with later
-  micro-batches while the expert, which takes steps in order, waits for an earlier one.
+* Mailboxes: each (sender, receiver, slot) has three 64-bit words in one MPI shared-memory window of
+  the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
+  them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the step + 1 of the
+  message in the slot, written by the sender's copy stream once the copy is done), ``rows`` (its row
+  count, written by the sender's host before it queues the copy) and ``freed`` (how many times the
+  receiver has emptied the slot, written by the receiver's compute stream after the copy out of it).
+  A sender takes a slot whose ``freed`` count has caught up with its own count of fills; a receiver
+  takes the slot whose ``filled`` word names its step, resets that word and copies the rows out.
+  Neither host waits for the other's GPU or calls MPI per message: a message costs the sender a
+  stream wait, the copy and one stream write, and the receiver three reads of host memory, the copy
+  out and one stream write (an MPI control word and a slot hand-back per message, with their tests
+  and event queries, made this transport host-bound below 4096 tokens per micro-batch:
+  ``benchmarks/results/gpu_exchange_trace_nvidia-h200.md``).
+* A pair needs at least as many slots as a front keeps micro-batches in flight, as many as the pair can
+  have messages outstanding: with fewer, a front could fill an expert's slots with later micro-batches
+  while the expert, which takes steps in order, waits for an earlier one.
 
-``backend="shm"`` runs the same protocol on CPUs over an MPI shared-memory window (the rings) with
-plain copies, so the tests exercise it on machines without GPUs.
+``backend="shm"`` runs the same protocol on CPUs over MPI shared-memory windows (rings and mailboxes)
+with plain copies and host writes, so the tests exercise it on machines without GPUs.
 """
 from __future__ import annotations
 
 import atexit
 import ctypes
 import logging
+import mmap
 import socket
-import time
-from collections import deque
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from .exchange import CONTROL_TAG, GO_TAG, ControlPlane, exchange_pairs, test_requests
+from .exchange import exchange_pairs
 from .ops import Op, OpTransport
 
 log = logging.getLogger("moe_mpi")
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 CU_EVENT_DISABLE_TIMING = 2
+CU_MEMHOSTREGISTER_PORTABLE_DEVICEMAP = 1 | 2
+FILLED, ROWS, FREED = range(3)      # a mailbox's words
 
 
 class _IpcHandle(ctypes.Structure):
@@ -68,6 +75,15 @@ class Driver:
         self._wait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
         self._create = lib.cuEventCreate
         self._create.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        # the mailboxes: host memory the streams write
+        self._write = getattr(lib, "cuStreamWriteValue64_v2", None) or lib.cuStreamWriteValue64
+        self._write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+        self._register = getattr(lib, "cuMemHostRegister_v2", None) or lib.cuMemHostRegister
+        self._register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        self._unregister = lib.cuMemHostUnregister
+        self._unregister.argtypes = [ctypes.c_void_p]
+        self._device_ptr = getattr(lib, "cuMemHostGetDevicePointer_v2", None) or lib.cuMemHostGetDevicePointer
+        self._device_ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
 
     def export(self, ptr: int) -> tuple[bytes, int]:
         """The IPC handle of the allocation holding ``ptr``, and ptr's offset in it."""
@@ -102,6 +118,41 @@ class Driver:
         self.check(self._create(ctypes.byref(event), CU_EVENT_DISABLE_TIMING), "cuEventCreate")
         return event.value
 
+    def write_value(self, stream: int, address: int, value: int) -> None:
+        """``stream`` writes ``value`` to the 64-bit word at ``address`` once its work so far is done."""
+        self.check(self._write(stream, address, value, 0), "cuStreamWriteValue64")
+
+    def device_address(self, ptr: int) -> int:
+        """The device address of registered (or pinned) host memory."""
+        device = ctypes.c_uint64(0)
+        self.check(self._device_ptr(ctypes.byref(device), ptr, 0), "cuMemHostGetDevicePointer")
+        return device.value
+
+    def register_host(self, ptr: int, nbytes: int) -> int:
+        """Host memory made writable by every GPU's streams (pinned); its device address."""
+        self.check(self._register(ptr, nbytes, CU_MEMHOSTREGISTER_PORTABLE_DEVICEMAP),
+                   "cuMemHostRegister (the IPC mailboxes)")
+        return self.device_address(ptr)
+
+    def unregister_host(self, ptr: int) -> None:
+        self._unregister(ptr)
+
+
+def stream_writes_problem(device: torch.device) -> str | None:
+    """Why this GPU's streams cannot write host memory for the mailboxes (None if they can): one
+    ``cuStreamWriteValue64`` into pinned memory, read back."""
+    try:
+        d = Driver()
+        word = torch.zeros(1, dtype=torch.int64).pin_memory()
+        stream = torch.cuda.Stream(device)
+        d.write_value(stream.cuda_stream, d.device_address(word.data_ptr()), 12345)
+        stream.synchronize()
+        if int(word[0]) != 12345:
+            return f"GPU {device.index}: a stream's write to host memory did not arrive"
+    except (RuntimeError, AttributeError, OSError) as exc:
+        return f"GPU {device.index} cannot write host memory from a stream ({exc})"
+    return None
+
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
@@ -120,7 +171,8 @@ RING_SHARE = 0.2      # auto takes IPC only if the rings of the ranks on a GPU t
 def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device, ring_bytes_per_peer: int = 0,
                  share: float | None = None) -> str | None:
     """Why the IPC transport cannot serve this job (None if it can): every exchanging pair must be on
-    one node, and each rank must see its peers' GPUs with peer access between them; with ``share``,
+    one node, and each rank must see its peers' GPUs with peer access between them and have streams
+    that can write host memory (the mailboxes); with ``share``,
     the receive rings of all ranks on one GPU (``ring_bytes_per_peer`` for each of a rank's peers) must
     take at most that share of its memory.  Collective."""
     peers = {wr for _, _, wr in exchange_pairs(comms, n_fronts, world)}
@@ -136,6 +188,9 @@ def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device, ring_b
                 problems.append(f"rank {p}'s GPU {table[p][1]} is not visible to this rank")
             elif j != device.index and not torch.cuda.can_device_access_peer(device.index, j):
                 problems.append(f"GPU {device.index} has no peer access to GPU {j} (rank {p})")
+        if not problems:
+            why = stream_writes_problem(device)
+            problems += [why] if why else []
         total = torch.cuda.get_device_properties(device).total_memory
         rings = sum(b for h, u, b in table if (h, u) == (host, uuid))
         if share is not None and rings > share * total:
@@ -147,76 +202,120 @@ def ipc_possible(world, comms: dict, n_fronts: int, device: torch.device, ring_b
     return first
 
 
-class SendRing:
-    """This rank's view of one peer's ring for it: where to write, which slots are free."""
+class Mailboxes:
+    """The node's mailboxes, (sender, receiver, slot, word) over node-local ranks, in one MPI
+    shared-memory window (node rank 0's, page-aligned) that every process registers with CUDA."""
 
-    def __init__(self, tr: "IPCTransport", comm, peer: int, remote, freed: list, filled: list):
-        self.tr, self.comm, self.peer = tr, comm, peer
+    def __init__(self, world, slots: int, driver: "Driver | None"):
+        self.node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+        n = self.node.Get_size()
+        self.local = {wr: i for i, wr in enumerate(self.node.allgather(world.Get_rank()))}
+        shape = (n, n, slots, 3)
+        nbytes = int(np.prod(shape)) * 8
+        span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.window = MPI.Win.Allocate_shared(span + mmap.PAGESIZE if self.node.Get_rank() == 0 else 0, 1,
+                                              comm=self.node)
+        buf, _ = self.window.Shared_query(0)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        skip = -raw.ctypes.data % mmap.PAGESIZE
+        self.words = raw[skip:skip + nbytes].view(np.int64).reshape(shape)
+        if self.node.Get_rank() == 0:
+            self.words[...] = 0
+        self.node.Barrier()
+        self.driver, self.host = driver, raw.ctypes.data + skip
+        self.device = driver.register_host(self.host, span) if driver else 0
+
+    def of(self, sender: int, receiver: int) -> np.ndarray:
+        """The (slots, 3) words of one pair (world ranks), a view."""
+        return self.words[self.local[sender], self.local[receiver]]
+
+    def address(self, sender: int, receiver: int, slot: int, word: int) -> int:
+        """A word's device address (for a stream to write it)."""
+        s, r = self.local[sender], self.local[receiver]
+        return self.device + 8 * (((s * self.words.shape[1] + r) * self.words.shape[2] + slot) * 3 + word)
+
+    def free(self) -> None:
+        if self.driver is not None:
+            self.driver.unregister_host(self.host)
+            self.driver = None
+
+
+class SendRing:
+    """This rank's view of one peer's ring for it: where to write, and which slots the peer has emptied."""
+
+    def __init__(self, tr: "IPCTransport", peer: int, remote, box: np.ndarray, filled: list[int]):
+        self.tr, self.peer = tr, peer
         self.remote = remote            # device address of slot 0 (GPU), or a uint8 array (shm)
-        self.freed, self.filled = freed, filled     # the peer's events, this rank's events (raw handles)
-        self.free = deque(range(tr.slots))
-        self.credits: deque = deque()   # posted receives for slots handed back, oldest first
+        self.box, self.freed = box, box[:, FREED]
+        self.filled = filled            # device addresses of the slots' ``filled`` words (GPU)
+        self.fills = [0] * tr.slots     # times this rank has filled each slot
         self.stream = torch.cuda.Stream(tr.device) if tr.cuda else None
         self.handle = self.stream.cuda_stream if tr.cuda else 0
 
     def take(self) -> int | None:
-        while self.credits and test_requests([self.credits[0][0]], [f"slot handed back by rank {self.peer}"]):
-            _, buf = self.credits.popleft()
-            self.free.append(int(buf[0]))
-        if not self.free:
-            return None
-        slot = self.free.popleft()
-        buf = np.zeros(1, dtype=np.int64)
-        self.credits.append((self.comm.Irecv([buf, MPI.INT64_T], source=self.peer, tag=GO_TAG), buf))
-        return slot
+        """A slot the peer has emptied as often as this rank filled it, or None."""
+        for slot, (freed, fills) in enumerate(zip(self.freed.tolist(), self.fills)):
+            if freed == fills:
+                return slot
+        return None
 
-    def fill(self, slot: int, x: torch.Tensor, ready: int) -> None:
-        """Copy x into the peer's slot once ``ready`` (a raw event handle, 0 for none) has passed and
-        the peer has freed the slot."""
+    def fill(self, slot: int, step: int, x: torch.Tensor, ready: int) -> None:
+        """Copy x into the peer's slot once ``ready`` (a raw event handle, 0 for none) has passed, then
+        say so in the slot's mailbox."""
         tr, nbytes = self.tr, x.shape[0] * self.tr.row_bytes
+        self.fills[slot] += 1
+        self.box[slot, ROWS] = x.shape[0]       # read by the receiver only after ``filled`` names the step
         if not tr.cuda:
             start = slot * tr.slot_bytes
             self.remote[start:start + nbytes] = x.contiguous().view(-1).view(torch.uint8).numpy()
+            self.box[slot, FILLED] = step + 1
             return
         d = tr.driver
-        if ready:
-            d.wait(self.handle, ready)
-        d.wait(self.handle, self.freed[slot])
-        d.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.handle)
-        d.record(self.filled[slot], self.handle)
-        x.record_stream(self.stream)
+        if nbytes:
+            if ready:
+                d.wait(self.handle, ready)
+            d.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.handle)
+            x.record_stream(self.stream)
+        d.write_value(self.handle, self.filled[slot], step + 1)
 
 
 class RecvRing:
-    """This rank's ring for one peer: the slots, and the events that order their use."""
+    """This rank's ring for one peer: the slots, and their mailboxes."""
 
-    def __init__(self, tr: "IPCTransport", comm, peer: int, local: torch.Tensor, freed: list, filled: list):
-        self.tr, self.comm, self.peer = tr, comm, peer
+    def __init__(self, tr: "IPCTransport", local: torch.Tensor, box: np.ndarray, freed: list[int]):
+        self.tr = tr
         self.slot_tensors = local.unbind(0)     # each slot a (max_rows, hidden) tensor
-        self.freed, self.filled = freed, filled     # this rank's events (raw handles), the peer's events
+        self.box, self.filled = box, box[:, FILLED]
+        self.freed = freed                      # device addresses of the slots' ``freed`` words (GPU)
+        self.takes = [0] * tr.slots             # times this rank has emptied each slot
 
-    def ready(self, slot: int) -> bool:
-        return not self.tr.cuda or self.filled[slot].query()
+    def find(self, step: int) -> int | None:
+        """The slot holding ``step``'s message, once its rows are there; else None."""
+        filled = self.filled.tolist()
+        return filled.index(step + 1) if step + 1 in filled else None
 
     def take_out(self, slot: int, rows: int, out: torch.Tensor | None) -> torch.Tensor:
-        """The message's rows copied out of the slot (into ``out`` if given), and the slot handed back."""
+        """The message's rows copied out of the slot (into ``out`` if given), and the slot handed back
+        once the copy is done."""
         view = self.slot_tensors[slot][:rows]
         if out is None:
             out = view.clone()
-        else:
+        elif rows:
             out.copy_(view)
+        self.box[slot, FILLED] = 0
+        self.takes[slot] += 1
         if self.tr.cuda:
-            self.tr.driver.record(self.freed[slot], current_stream_handle(self.tr.device))
-        buf = np.array([slot], dtype=np.int64)
-        self.tr.small.append((self.comm.Isend([buf, MPI.INT64_T], dest=self.peer, tag=GO_TAG), buf))
+            self.tr.driver.write_value(current_stream_handle(self.tr.device), self.freed[slot], self.takes[slot])
+        else:
+            self.box[slot, FREED] = self.takes[slot]
         return out
 
 
 class IpcSend(Op):
     def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what: str, ready=None):
-        self.tr, self.comm, self.peer, self.step, self.what = tr, comm, peer, step, what
+        self.tr, self.step, self.what = tr, step, what
         self.ring = tr.send_rings[(id(comm), peer)]
-        self.x, self.reqs, self.posted = x, [], False
+        self.x = x
         if x.shape[0] > tr.max_rows:
             raise RuntimeError(f"{what}: {x.shape[0]} rows, but the transport's slots hold {tr.max_rows}")
         # x is computed once the compute stream gets here (an event of the transport's pool, back in
@@ -230,42 +329,38 @@ class IpcSend(Op):
                 self.ready, self.caller_event = ready.cuda_event, ready    # (kept alive until posted)
 
     def progress(self) -> bool:
-        if not self.posted:
-            rows, slot = self.x.shape[0], -1
-            if rows:
-                slot = self.ring.take()
-                if slot is None:
-                    return False
-                self.ring.fill(slot, self.x, self.ready)
-                if self.pooled:
-                    self.tr.events.append(self.ready)
-            self.control = np.array([self.step, rows, slot], dtype=np.int64)
-            self.reqs.append(self.comm.Isend([self.control, MPI.INT64_T], dest=self.peer, tag=CONTROL_TAG))
-            self.posted, self.x, self.ready, self.caller_event = True, None, 0, None
-        return test_requests(self.reqs, [self.what])
+        slot = self.ring.take()
+        if slot is None:
+            return False
+        self.ring.fill(slot, self.step, self.x, self.ready)
+        if self.pooled:
+            self.tr.events.append(self.ready)
+        self.x, self.ready, self.caller_event = None, 0, None
+        return True
 
 
 class IpcRecv(Op):
     def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, out: torch.Tensor | None,
                  cap: int | None, what: str):
-        self.tr, self.what, self.out, self.cap = tr, what, out, cap
+        self.tr, self.step, self.what, self.out, self.cap = tr, step, what, out, cap
         self.ring = tr.recv_rings[(id(comm), peer)]
-        self.arrived, self.taken, self.n, self.slot = False, False, 0, -1
-        tr.control.await_control(comm, peer, step, self)
+        self.taken, self.n, self.slot = False, 0, -1
 
-    def on_control(self, rows: int, slot: int) -> None:
+    def progress(self) -> bool:
+        slot = self.ring.find(self.step)
+        if slot is None:
+            return False
+        rows = int(self.ring.box[slot, ROWS])
         if self.out is not None and rows != self.out.shape[0]:
             raise RuntimeError(f"{self.what}: {rows} rows announced, {self.out.shape[0]} expected")
         if self.cap is not None and rows > self.cap:
             raise RuntimeError(f"{self.what}: {rows} rows announced, at most {self.cap} expected")
-        self.n, self.slot, self.arrived = rows, slot, True
-
-    def progress(self) -> bool:
-        return self.arrived and (self.n == 0 or self.ring.ready(self.slot))
+        self.n, self.slot = rows, slot
+        return True
 
     @property
     def announced(self) -> int:
-        """The row count its control word gave (once arrived)."""
+        """The row count its mailbox gave (once arrived)."""
         return self.n
 
     def wait_into(self, out: torch.Tensor) -> None:
@@ -277,12 +372,11 @@ class IpcRecv(Op):
     def wait(self) -> None:
         if self.taken:
             return
+        if self.slot < 0:
+            raise RuntimeError(f"{self.what}: taken before it arrived")
         self.taken = True
-        if self.n:
-            with self.tr.lock:
-                self.out = self.ring.take_out(self.slot, self.n, self.out)
-        elif self.out is None:
-            self.out = torch.empty(0, self.tr.hidden, dtype=self.tr.dtype, device=self.tr.device)
+        with self.tr.lock:
+            self.out = self.ring.take_out(self.slot, self.n, self.out)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -302,9 +396,10 @@ class IpcChannel:
 
 
 class IPCTransport(OpTransport):
-    """Copies into rings that receivers lent through CUDA IPC, one node (see the module's docstring).
-    ``max_rows``: the most rows of one message (a micro-batch's tokens); ``slots``: messages a pair
-    may have outstanding (above the micro-batches a front keeps in flight)."""
+    """Copies into rings that receivers lent through CUDA IPC, signalled through mailboxes in shared
+    host memory, one node (see the module's docstring).  ``max_rows``: the most rows of one message (a
+    micro-batch's tokens); ``slots``: messages a pair may have outstanding (at least the micro-batches
+    a front keeps in flight)."""
 
     name = "ipc"
 
@@ -322,15 +417,12 @@ class IPCTransport(OpTransport):
         self.driver = Driver() if self.cuda else None
         self.me = world.Get_rank()
         self.channel_ = IpcChannel(self)
-        self.control = ControlPlane(3, lambda comm, peer: f"rank {peer} of a layer's communicator")  # (step, rows, slot)
-        self.small: list = []                       # slot hand-backs in flight, with their buffers
         self.send_rings: dict[tuple, SendRing] = {}
         self.recv_rings: dict[tuple, RecvRing] = {}
         self._opened: dict[bytes, int] = {}
         self.events: list[int] = []                 # raw events for IpcSend's ``ready``, free to record
-        self._keep: list = []                       # torch events whose raw handles the rings use
         self._build(world)
-        atexit.register(self._flush)
+        atexit.register(self.boxes.free)
 
     def channel(self, comm, peer: int) -> IpcChannel:
         return self.channel_
@@ -347,45 +439,33 @@ class IPCTransport(OpTransport):
         if self.cuda:
             self.ring = torch.empty(shape, dtype=self.dtype, device=self.device)
             handle, offset = self.driver.export(self.ring.data_ptr())
-        else:
-            node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+        self.boxes = Mailboxes(world, self.slots, self.driver)     # (registered in the device's context)
+        if not self.cuda:
+            node = self.boxes.node
             self.window = MPI.Win.Allocate_shared(max(1, nbytes), 1, comm=node)
             buf, _ = self.window.Shared_query(node.Get_rank())
             self.ring = torch.frombuffer(buf, dtype=torch.uint8)[:nbytes].view(self.dtype).view(shape)
             handle, offset = node.Get_rank(), 0
 
-        def events() -> list:
-            return [torch.cuda.Event(interprocess=True) if self.cuda else None for _ in range(self.slots)]
-
-        def shared(evs: list) -> list:
-            return [e.ipc_handle() for e in evs] if self.cuda else evs
-
-        def raw(evs: list) -> list:
-            return [e.cuda_event for e in evs] if self.cuda else evs
-
         per_peer = self.slots * self.slot_bytes
         lent = [dict() for _ in range(world.Get_size())]     # what each peer needs from this rank
-        mine_freed, mine_filled = {}, {}
         for i, (comm, peer, wr) in enumerate(pairs):
-            mine_freed[wr], mine_filled[wr] = events(), events()
-            lent[wr] = {"handle": handle, "offset": offset + i * per_peer, "freed": shared(mine_freed[wr]),
-                        "filled": shared(mine_filled[wr])}
+            lent[wr] = {"handle": handle, "offset": offset + i * per_peer}
         got = world.alltoall(lent)
+        box = self.boxes
         for i, (comm, peer, wr) in enumerate(pairs):
-            theirs, local = got[wr], self.ring[i]
+            theirs = got[wr]
             if self.cuda:
                 remote = self._open(theirs["handle"]) + theirs["offset"]
-                freed = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in theirs["freed"]]
-                filled = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in theirs["filled"]]
             else:
                 rbuf, _ = self.window.Shared_query(theirs["handle"])
                 remote = np.frombuffer(rbuf, dtype=np.uint8)[theirs["offset"]:theirs["offset"] + per_peer]
-                freed = filled = [None] * self.slots
-            self._keep += [freed, filled, mine_freed[wr], mine_filled[wr]]   # the raw handles' events
-            self.send_rings[(id(comm), peer)] = SendRing(self, comm, peer, remote, raw(freed), raw(mine_filled[wr]))
-            self.recv_rings[(id(comm), peer)] = RecvRing(self, comm, peer, local, raw(mine_freed[wr]), filled)
-        if not self.cuda:
-            node.Free()
+            self.send_rings[(id(comm), peer)] = SendRing(
+                self, wr, remote, box.of(self.me, wr),
+                [box.address(self.me, wr, k, FILLED) for k in range(self.slots)] if self.cuda else [])
+            self.recv_rings[(id(comm), peer)] = RecvRing(
+                self, self.ring[i], box.of(wr, self.me),
+                [box.address(wr, self.me, k, FREED) for k in range(self.slots)] if self.cuda else [])
         world.Barrier()
         log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of %s memory lent to them",
                   len(pairs), self.slots, self.max_rows, nbytes / 1e6, "GPU" if self.cuda else "shared")
@@ -395,27 +475,3 @@ class IPCTransport(OpTransport):
         if handle not in self._opened:
             self._opened[handle] = self.driver.open_handle(handle)
         return self._opened[handle]
-
-    # --- control plane ---
-    def poll(self) -> None:
-        """Deliver arrived control words; let finished slot hand-backs go."""
-        self.control.poll()
-        if self.small and MPI.Request.Testall([r for r, _ in self.small]):
-            self.small.clear()
-
-    def _pass(self) -> None:
-        self.poll()
-        super()._pass()
-
-    def background_progress(self) -> None:
-        if self.control.expecting():
-            with self.lock:
-                self.poll()
-
-    def _flush(self, timeout: float = 5.0) -> None:
-        """Complete the last slot hand-backs before MPI is finalised."""
-        deadline = time.monotonic() + timeout
-        while self.small and time.monotonic() < deadline:
-            if MPI.Is_finalized() or MPI.Request.Testall([r for r, _ in self.small]):
-                break
-        self.small.clear()
