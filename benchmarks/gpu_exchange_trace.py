@@ -43,11 +43,11 @@ def instrument() -> None:
     """Wrap the IPC operations so each stamps its stages ('landed': the receiver finds its mailbox says
     the copy is done; files from before the mailboxes also have 'control', the control word seen)."""
     for cls, name in ((ipc.IpcSend, "__init__"), (ipc.IpcSend, "progress"), (ipc.IpcRecv, "__init__"),
-                      (ipc.IpcRecv, "progress"), (ipc.IpcRecv, "wait"), (ipc.SendRing, "fill")):
+                      (ipc.IpcRecv, "progress"), (ipc.IpcRecv, "_take"), (ipc.SendRing, "fill")):
         ORIGINAL[(cls, name)] = getattr(cls, name)
     send_init, send_progress = ipc.IpcSend.__init__, ipc.IpcSend.progress
-    recv_init, recv_progress, recv_wait = ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv.wait
-    # (wait_into calls wait, so a joined receive is stamped too)
+    recv_init, recv_progress, recv_take = ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv._take
+    # (wait and wait_into both take through _take)
     fill = ipc.SendRing.fill
 
     def s_init(self, tr, comm, peer, step, x, what, ready=None):
@@ -74,9 +74,9 @@ def instrument() -> None:
             STAMPS.append((now(), "landed", *self._stamp))
         return out
 
-    def r_wait(self):
+    def r_take(self, x, at):
         t0 = now()
-        recv_wait(self)
+        recv_take(self, x, at)
         STAMPS.append((t0, "take_start", *self._stamp))
         STAMPS.append((now(), "taken", *self._stamp))
 
@@ -93,7 +93,7 @@ def instrument() -> None:
         COPIES.append((self.peer, slot, now(), a, b))
 
     ipc.IpcSend.__init__, ipc.IpcSend.progress = s_init, s_progress
-    ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv.wait = r_init, r_progress, r_wait
+    ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv._take = r_init, r_progress, r_take
     ipc.SendRing.fill = s_fill
 
 
