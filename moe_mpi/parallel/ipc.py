@@ -8,17 +8,18 @@ carries nothing per message.
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
-* Mailboxes: each (sender, receiver, slot) has three 64-bit words in one MPI shared-memory window of
+* Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
-  them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the step + 1 of the
-  message in the slot, written by the sender's copy stream once the copy is done), ``rows`` (its row
-  count, written by the sender's host before it queues the copy) and ``freed`` (how many times the
-  receiver has emptied the slot, written by the receiver's compute stream after the copy out of it).
+  them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the message's step + 1
+  in the high 32 bits and its row count in the low ones, written by the sender's copy stream once the
+  copy is done: one word, so no reader sees one half new and the other old) and ``freed`` (how many
+  times the receiver has emptied the slot, written by the receiver's compute stream after the copy
+  out of it).
   A sender takes a slot whose ``freed`` count has caught up with its own count of fills; a receiver
   takes the slot whose ``filled`` word names its step, resets that word and copies the rows out.
   Neither host waits for the other's GPU or calls MPI per message: a message costs the sender a
-  stream wait, the copy and one stream write, and the receiver three reads of host memory, the copy
-  out and one stream write (an MPI control word and a slot hand-back per message, with their tests
+  stream wait, the copy and one stream write, and the receiver a read of host memory, the copy out
+  and one stream write (an MPI control word and a slot hand-back per message, with their tests
   and event queries, made this transport host-bound below 4096 tokens per micro-batch:
   ``benchmarks/results/gpu_exchange_trace_nvidia-h200.md``).
 * A pair needs at least as many slots as a front keeps micro-batches in flight, as many as the pair can
@@ -26,7 +27,9 @@ carries nothing per message.
   while the expert, which takes steps in order, waits for an earlier one.
 
 ``backend="shm"`` runs the same protocol on CPUs over MPI shared-memory windows (rings and mailboxes)
-with plain copies and host writes, so the tests exercise it on machines without GPUs.
+with plain copies and host writes, so the tests exercise it on machines without GPUs; it relies on the
+host's stores becoming visible in program order (x86), which the GPU path does not (the copy is fenced
+before its word on the GPU, and the rows are read on the GPU).
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ log = logging.getLogger("moe_mpi")
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 CU_EVENT_DISABLE_TIMING = 2
 CU_MEMHOSTREGISTER_PORTABLE_DEVICEMAP = 1 | 2
-FILLED, ROWS, FREED = range(3)      # a mailbox's words
+FILLED, FREED = range(2)      # a mailbox's words
+MAX_STEP = 2**31 - 2           # filled = (step + 1) << 32 | rows
 
 
 class _IpcHandle(ctypes.Structure):
@@ -210,7 +214,7 @@ class Mailboxes:
         self.node = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
         n = self.node.Get_size()
         self.local = {wr: i for i, wr in enumerate(self.node.allgather(world.Get_rank()))}
-        shape = (n, n, slots, 3)
+        shape = (n, n, slots, 2)
         nbytes = int(np.prod(shape)) * 8
         span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self.window = MPI.Win.Allocate_shared(span + mmap.PAGESIZE if self.node.Get_rank() == 0 else 0, 1,
@@ -226,13 +230,13 @@ class Mailboxes:
         self.device = driver.register_host(self.host, span) if driver else 0
 
     def of(self, sender: int, receiver: int) -> np.ndarray:
-        """The (slots, 3) words of one pair (world ranks), a view."""
+        """The (slots, 2) words of one pair (world ranks), a view."""
         return self.words[self.local[sender], self.local[receiver]]
 
     def address(self, sender: int, receiver: int, slot: int, word: int) -> int:
         """A word's device address (for a stream to write it)."""
         s, r = self.local[sender], self.local[receiver]
-        return self.device + 8 * (((s * self.words.shape[1] + r) * self.words.shape[2] + slot) * 3 + word)
+        return self.device + 8 * (((s * self.words.shape[1] + r) * self.words.shape[2] + slot) * 2 + word)
 
     def free(self) -> None:
         if self.driver is not None:
@@ -264,11 +268,11 @@ class SendRing:
         say so in the slot's mailbox."""
         tr, nbytes = self.tr, x.shape[0] * self.tr.row_bytes
         self.fills[slot] += 1
-        self.box[slot, ROWS] = x.shape[0]       # read by the receiver only after ``filled`` names the step
+        word = (step + 1) << 32 | x.shape[0]
         if not tr.cuda:
             start = slot * tr.slot_bytes
             self.remote[start:start + nbytes] = x.contiguous().view(-1).view(torch.uint8).numpy()
-            self.box[slot, FILLED] = step + 1
+            self.box[slot, FILLED] = word
             return
         d = tr.driver
         if nbytes:
@@ -276,7 +280,7 @@ class SendRing:
                 d.wait(self.handle, ready)
             d.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.handle)
             x.record_stream(self.stream)
-        d.write_value(self.handle, self.filled[slot], step + 1)
+        d.write_value(self.handle, self.filled[slot], word)
 
 
 class RecvRing:
@@ -290,10 +294,12 @@ class RecvRing:
         self.freed = freed                      # device addresses of the slots' ``freed`` words (GPU)
         self.takes = [0] * tr.slots             # times this rank has emptied each slot
 
-    def find(self, step: int) -> int | None:
-        """The slot holding ``step``'s message, once its rows are there; else None."""
-        filled = self.filled.tolist()
-        return filled.index(step + 1) if step + 1 in filled else None
+    def find(self, step: int) -> tuple[int, int] | None:
+        """The slot holding ``step``'s message and its row count, once its rows are there; else None."""
+        for slot, word in enumerate(self.filled.tolist()):
+            if word >> 32 == step + 1:
+                return slot, word & 0xFFFFFFFF
+        return None
 
     def take_out(self, slot: int, rows: int, x: torch.Tensor, at: int) -> None:
         """The message's rows copied out of the slot into rows ``at``... of ``x`` (contiguous), on the
@@ -321,6 +327,8 @@ class IpcSend(Op):
         self.x = x
         if x.shape[0] > tr.max_rows:
             raise RuntimeError(f"{what}: {x.shape[0]} rows, but the transport's slots hold {tr.max_rows}")
+        if not 0 <= step <= MAX_STEP:
+            raise RuntimeError(f"{what}: step {step} does not fit a mailbox word (at most {MAX_STEP})")
         # x is computed once the compute stream gets here (an event of the transport's pool, back in
         # the pool once the copy's stream waits for it), or where the caller's event says
         self.ready, self.pooled, self.caller_event = 0, False, None
@@ -352,10 +360,10 @@ class IpcRecv(Op):
             raise ValueError(f"{what}: the rows' destination must be contiguous")
 
     def progress(self) -> bool:
-        slot = self.ring.find(self.step)
-        if slot is None:
+        found = self.ring.find(self.step)
+        if found is None:
             return False
-        rows = int(self.ring.box[slot, ROWS])
+        slot, rows = found
         if self.out is not None and rows != self.out.shape[0]:
             raise RuntimeError(f"{self.what}: {rows} rows announced, {self.out.shape[0]} expected")
         if self.cap is not None and rows > self.cap:
@@ -421,6 +429,8 @@ class IPCTransport(OpTransport):
         if self.cuda and device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.world, self.max_rows, self.slots = world, max(1, int(max_rows)), max(1, int(slots))
+        if self.max_rows >= 2**32:
+            raise ValueError(f"IPC transport: {self.max_rows} rows a message do not fit a mailbox word")
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
         self.slot_bytes = self.max_rows * self.row_bytes
         self.driver = Driver() if self.cuda else None
