@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_mpi.parallel.ipc import Driver  # noqa: E402
+from moe_mpi.parallel.cuda_driver import Driver  # noqa: E402
 
 
 def per_call_us(fn, n: int = 200) -> float:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,56 +149,6 @@ def exchange_pairs(comms: dict, n_fronts: int, world) -> list[tuple[object, int,
         others = range(n_fronts, len(ranks)) if mine < n_fronts else range(n_fronts)
         out += [(comm, r, ranks[r]) for r in others]
     return out
-
-
-class ControlPlane:
-    """The control words (step, then ``words - 1`` values) a transport sends before each message on
-    CONTROL_TAG.  ``await_control`` hands the receive of (comm, peer, step) its word's values through
-    ``op.on_control(*values)``: at once if the word came already, else when ``poll`` sees it.  One
-    receive is posted per word expected, each peer's in order; a word for a receive not made yet is
-    kept, and the receive it used is posted again."""
-
-    def __init__(self, words: int, who):
-        self.words, self.who = words, who           # who(comm, peer): the peer named for reports
-        self.posted: dict[tuple, deque] = {}        # (comm, peer) -> posted receives, in order
-        self.waiting: dict[tuple, object] = {}      # (comm, peer, step) -> receive waiting for its word
-        self.early: dict[tuple, tuple] = {}         # (comm, peer, step) -> values before its receive
-
-    def await_control(self, comm, peer: int, step: int, op) -> None:
-        key = (id(comm), peer, step)
-        if key in self.early:
-            op.on_control(*self.early.pop(key))
-            return
-        self.waiting[key] = op
-        self._post(comm, peer)
-
-    def _post(self, comm, peer: int) -> None:
-        buf = np.zeros(self.words, dtype=np.int64)
-        self.posted.setdefault((id(comm), peer), deque()).append(
-            (comm.Irecv([buf, MPI.INT64_T], source=peer, tag=CONTROL_TAG), buf, comm))
-
-    def expecting(self) -> bool:
-        return any(self.posted.values())
-
-    def poll(self) -> None:
-        """Deliver arrived words, each peer's in arrival (= posting) order."""
-        for (cid, peer), queue in self.posted.items():
-            while queue and self._arrived(queue[0], peer):
-                _, buf, comm = queue.popleft()
-                step, values = int(buf[0]), tuple(int(v) for v in buf[1:])
-                op = self.waiting.pop((cid, peer, step), None)
-                if op is not None:
-                    op.on_control(*values)
-                else:
-                    self.early[(cid, peer, step)] = values
-                    self._post(comm, peer)
-
-    def _arrived(self, posted: tuple, peer: int) -> bool:
-        req, _, comm = posted
-        try:
-            return req.Test()
-        except MPI.Exception as exc:
-            raise PeerFailure.of(exc, [f"control message from {self.who(comm, peer)}"]) from None
 
 
 class FrontExchange:

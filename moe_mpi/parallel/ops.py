@@ -24,6 +24,7 @@ def join_rows(rows: list[torch.Tensor], hidden: int, dtype: torch.dtype,
     x = torch.cat(rows) if rows else torch.empty(0, hidden, dtype=dtype, device=device)
     return x, [r.shape[0] for r in rows]
 
+
 class Op:
     """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
     message is sent, or received and its device copy enqueued; ``what`` names the peer for reports.
