@@ -250,10 +250,15 @@ def test_one_process_on_gpu_matches_cpu(tmp_path, reference):
 
 
 @needs_cuda
-@pytest.mark.parametrize("transport", ["auto", "nccl", "mpi-staged"])
-def test_distributed_on_gpus_matches_cpu_fp32(tmp_path, reference, transport):
+@pytest.mark.parametrize("transport", ["auto", "nccl", "mpi-staged", "ipc, SM copies"])
+def test_distributed_on_gpus_matches_cpu_fp32(tmp_path, reference, transport, monkeypatch):
     """9 ranks over the visible GPUs (sharing them: the NCCL transport sends pairs on one GPU through
-    pinned staging), bf16, against the 1-rank CPU fp32 run."""
+    pinned staging), bf16, against the 1-rank CPU fp32 run; "ipc, SM copies" copies every IPC message
+    by the Triton kernel instead of the copy engines."""
+    if transport == "ipc, SM copies":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0")
+        transport = "ipc"
     path, ref, margins = reference
     out = tmp_path / "out.h5"
     proc = mpirun(9, "score", path, out, "--config", "tiny", "--device", "cuda", "--dtype", "bfloat16",
@@ -274,10 +279,15 @@ def test_mpi_transport_needs_a_cuda_aware_mpi(tmp_path, reference):
 
 
 @needs_cuda
-def test_exchange_benchmark_round_trips_on_gpus(tmp_path):
+@pytest.mark.parametrize("sm_copies", [False, True], ids=["copy engines", "SM copies"])
+def test_exchange_benchmark_round_trips_on_gpus(tmp_path, monkeypatch, sm_copies):
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs: NCCL takes one GPU per rank")
-    cmd = mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--small", "--out", tmp_path)
+    if sm_copies:
+        pytest.importorskip("triton")
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0" if sm_copies else "off")
+    cmd = mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--small", "--out", tmp_path,
+                     *(["--transports", "ipc"] if sm_copies else []))
     proc = subprocess.run(cmd,
                           capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -386,3 +396,31 @@ def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
     why = ipc.ipc_possible(World(), {}, 1, dev, total // 2, share=0.2)
     assert why.startswith("rank 0: the receive rings of the ranks on GPU 0 would take") and "over 20%" in why
     assert ipc.ipc_possible(World(), {}, 1, dev, total // 2) is None
+
+
+def test_sm_copy_setting_is_read_and_checked(monkeypatch):
+    """MOE_MPI_IPC_SM_COPY_MB: unset, IPC messages from 32 MB are copied by a kernel where Triton is
+    there (else all by the copy engines); a number of MB moves that size, 'off' turns kernels off;
+    anything else, or a size asked for without Triton, is an error that names the variable."""
+    from moe_mpi.parallel import peer_copy
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("MOE_MPI_IPC_SM_COPY_MB", raising=False)
+    monkeypatch.setattr(peer_copy, "triton", None)
+    assert peer_copy.sm_copy_threshold(gpu) is None
+    monkeypatch.setattr(peer_copy, "triton", object())
+    assert peer_copy.sm_copy_threshold(gpu) == 32_000_000
+    assert peer_copy.sm_copy_threshold(cpu) is None          # CPU runs copy on the host
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "8.5")
+    assert peer_copy.sm_copy_threshold(gpu) == 8_500_000
+    assert peer_copy.sm_copy_threshold(cpu) is None
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "Off")
+    assert peer_copy.sm_copy_threshold(gpu) is None
+    for bad in ("eight", "-1"):
+        monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", bad)
+        with pytest.raises(ValueError, match="MOE_MPI_IPC_SM_COPY_MB"):
+            peer_copy.sm_copy_threshold(gpu)
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0")
+    monkeypatch.setattr(peer_copy, "triton", None)
+    with pytest.raises(ValueError, match="needs Triton"):
+        peer_copy.sm_copy_threshold(gpu)

@@ -8,6 +8,9 @@ carries nothing per message.
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
+  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (default 32 MB, where Triton is installed) are
+  written instead by a kernel on that stream (``peer_copy``): faster where every GPU sends and
+  receives at once, at the price of SMs (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).
 * Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
   them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the message's step + 1
@@ -45,6 +48,7 @@ from mpi4py import MPI
 from .cuda_driver import Driver, current_stream_handle, stream_writes_problem
 from .exchange import exchange_pairs
 from .ops import Op, OpTransport
+from .peer_copy import copy_words, sm_copy_threshold, words_at
 
 log = logging.getLogger("moe_mpi")
 FILLED, FREED = range(2)       # a mailbox's words
@@ -158,7 +162,12 @@ class SendRing:
         if nbytes:
             if ready:
                 d.wait(self.handle, ready)
-            d.copy_async(self.remote + slot * tr.slot_bytes, x.data_ptr(), nbytes, self.handle)
+            dst, src = self.remote + slot * tr.slot_bytes, x.data_ptr()
+            if tr.sm_copy_bytes is not None and nbytes >= tr.sm_copy_bytes and (dst | src | nbytes) % 8 == 0:
+                with torch.cuda.stream(self.stream):
+                    copy_words(words_at(dst, nbytes, tr.device), words_at(src, nbytes, tr.device))
+            else:
+                d.copy_async(dst, src, nbytes, self.handle)
             x.record_stream(self.stream)
         d.write_value(self.handle, self.filled[slot], word)
 
@@ -314,6 +323,8 @@ class IPCTransport(OpTransport):
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
         self.slot_bytes = self.max_rows * self.row_bytes
         self.driver = Driver() if self.cuda else None
+        # messages of at least this many bytes are copied by SMs rather than the copy engines
+        self.sm_copy_bytes = sm_copy_threshold(self.device) if self.cuda else None
         self.me = world.Get_rank()
         self.channel_ = IpcChannel(self)
         self.send_rings: dict[tuple, SendRing] = {}
@@ -365,9 +376,17 @@ class IPCTransport(OpTransport):
             self.recv_rings[(id(comm), peer)] = RecvRing(
                 self, self.ring[i], box.of(wr, self.me),
                 [box.address(wr, self.me, k, FREED) for k in range(self.slots)] if self.cuda else [])
+        if self.sm_copy_bytes is not None:
+            # compiled now, not inside a message's first send: Triton specialises on the word count's
+            # and the addresses' divisibility by 16, which a message's (rows x hidden) usually has
+            words = torch.zeros(32, dtype=torch.int64, device=self.device)
+            copy_words(words[16:], words[:16])
+            torch.cuda.synchronize(self.device)
         world.Barrier()
-        log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of %s memory lent to them",
-                  len(pairs), self.slots, self.max_rows, nbytes / 1e6, "GPU" if self.cuda else "shared")
+        log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of %s memory lent to them%s",
+                 len(pairs), self.slots, self.max_rows, nbytes / 1e6, "GPU" if self.cuda else "shared",
+                 "" if self.sm_copy_bytes is None else
+                 f"; messages from {self.sm_copy_bytes / 1e6:g} MB copied by SMs")
 
     def _open(self, handle: bytes) -> int:
         """A peer's allocation mapped into this process, once per allocation."""
