@@ -135,10 +135,13 @@ def finish(launcher: subprocess.Popen, timeout: float = 120) -> tuple[int, str, 
     return launcher.returncode, err, time.monotonic() - t0
 
 
-def test_killed_expert_ends_job_with_its_name(job):
+@pytest.mark.parametrize("transport", ["auto", "ipc"])
+def test_killed_expert_ends_job_with_its_name(job, transport):
+    """Also under the IPC transport, whose messages pass through shared memory with no MPI call that
+    could fail when a peer dies: the launcher, or the watchdog, still ends the job."""
     d, path = job
-    out = d / "killed.h5"
-    p = start(WORLD, "score", path, out, *ARGS)
+    out = d / f"killed_{transport}.h5"
+    p = start(WORLD, "score", path, out, *ARGS, "--transport", transport)
     pids = rank_pids(p, WORLD)
     wait_until_scoring(p, out)
     victim = 7                                  # expert 1 of MoE layer 1
@@ -151,14 +154,15 @@ def test_killed_expert_ends_job_with_its_name(job):
     assert named, err[-2000:]
     assert "Traceback" not in err
     assert not out.exists()
-    note(f"SIGKILL expert rank 7 (pid {pids[victim]}): ended after {took:.1f} s, rc={rc}: "
+    note(f"SIGKILL expert rank 7 (pid {pids[victim]}, transport {transport}): ended after {took:.1f} s, rc={rc}: "
          + " / ".join(l.strip(" =") for l in err.splitlines() if "PID" in l or "rank 7" in l or "Killed" in l))
 
 
-def test_hung_expert_hits_deadline(job):
+@pytest.mark.parametrize("transport", ["auto", "ipc"])
+def test_hung_expert_hits_deadline(job, transport):
     d, path = job
-    out = d / "hung.h5"
-    p = start(WORLD, "score", path, out, *ARGS, "--deadline", "15")
+    out = d / f"hung_{transport}.h5"
+    p = start(WORLD, "score", path, out, *ARGS, "--deadline", "15", "--transport", transport)
     pids = rank_pids(p, WORLD)
     wait_until_scoring(p, out)
     os.kill(pids[4], signal.SIGSTOP)            # alive but silent: expert 2 of MoE layer 0
@@ -178,7 +182,7 @@ def test_hung_expert_hits_deadline(job):
     assert rc != 0, err[-2000:]
     assert "waited more than 15 s" in err and "rank 4 (expert 2 of MoE layer 0)" in err, f"rc={rc}\n{err[-3000:]}"
     assert "Traceback" not in err
-    note(f"SIGSTOP expert rank 4, --deadline 15: ended {took:.1f} s after the stop, rc={rc}: "
+    note(f"SIGSTOP expert rank 4, --deadline 15, transport {transport}: ended {took:.1f} s after the stop, rc={rc}: "
          f"{next(l for l in err.splitlines() if 'waited more than' in l)}")
 
 
