@@ -125,13 +125,19 @@ def main() -> int:
                     help="which end-to-end file: gpu_end_to_end_<card> (4 GPUs) or gpu_end_to_end_<N>gpus_<card>")
     ap.add_argument("--calibrate-on", default=None,
                     help="the run whose trace gives the fronts' host time per micro-batch (default: "
-                         "'distributed, 2 fronts' on 4 GPUs, 'distributed, 1 fronts, 8 in flight' on 2)")
+                         "'distributed, 2 fronts' on 4 GPUs, 'distributed, 1 fronts, 8 in flight' on 2, "
+                         "else the first run whose name starts so)")
     args = ap.parse_args()
     where = Path(args.results)
     tag = args.card if args.gpus == 4 else f"{args.gpus}gpus_{args.card}"
-    args.calibrate_on = args.calibrate_on or ("distributed, 2 fronts" if args.gpus == 4
-                                              else "distributed, 1 fronts, 8 in flight")
     e2e = load("gpu_end_to_end", tag, where)
+    runs = {name: r for name, r in e2e["runs"].items() if re.match(r"distributed, (\d+) fronts", name)}
+    if args.calibrate_on is None:     # that run, else the first whose name starts so, else the first
+        preferred = "distributed, 2 fronts" if args.gpus == 4 else "distributed, 1 fronts, 8 in flight"
+        args.calibrate_on = preferred if preferred in runs else next(
+            (n for n in runs if n.startswith(preferred)), next(iter(runs), preferred))
+    if args.calibrate_on not in runs:     # before anything is written
+        raise SystemExit(f"--calibrate-on {args.calibrate_on!r}: not a distributed run of the results ({list(runs)})")
     mlp, xch = (load(n, args.card, where) for n in ("gpu_expert_mlp", "gpu_exchange"))
     cfg = ModelConfig.from_dict(e2e["config"], e2e["config"].get("name", "paper-slice"))
     T, S = e2e["micro_batch_tokens"], e2e["seq_len"]
@@ -165,9 +171,6 @@ def main() -> int:
     hw = hardware.load(hw_path)
 
     n_experts = cfg.n_moe_layers * cfg.n_routed_experts
-    runs = {name: r for name, r in e2e["runs"].items() if re.match(r"distributed, (\d+) fronts", name)}
-    if args.calibrate_on not in runs:
-        raise SystemExit(f"--calibrate-on {args.calibrate_on!r}: not a distributed run of the results ({list(runs)})")
     writer_s, other_s = front_host_s(e2e["runs"][args.calibrate_on], T)
     steady_floor = front_host_steady_s(e2e["runs"][args.calibrate_on])
     steady_table = []
