@@ -118,11 +118,16 @@ def test_make_plan_worked_example_budget_8():
 
 def test_without_done_keeps_step_numbers():
     plan = make_plan(LENGTHS, 2, 6)
-    # Seq 0 done: front 1's step 0 goes, its steps 1 and 2 keep their numbers.
+    # Seq 0 done: front 1's step 0 is done but front 0's is not, so step 0 stays whole (front 1's
+    # micro-batch is computed again, for the experts to see the rows the uninterrupted run had).
     done = np.array([True, False, False, False, False])
     p = plan.without_done(done)
-    assert plan_as_lists(p) == [{0: [2], 1: [1]}, {1: [4], 2: [3]}]
-    assert p.steps == [0, 1, 2] and p.senders(0) == [0] and p.senders(2) == [1]
+    assert plan_as_lists(p) == plan_as_lists(plan)
+    assert p.senders(0) == [0, 1]
+    # Seq 3 done: front 1's step 2, alone at its step, goes; steps 0 and 1 keep their numbers.
+    p = plan.without_done(np.array([False, False, False, True, False]))
+    assert plan_as_lists(p) == [{0: [2], 1: [1]}, {0: [0], 1: [4]}]
+    assert p.steps == [0, 1] and p.senders(2) == []
     # Seqs 0 and 2 done: nobody sends at step 0 any more; step 1 is still step 1.
     p = plan.without_done(np.array([True, False, True, False, False]))
     assert plan_as_lists(p) == [{1: [1]}, {1: [4], 2: [3]}]
@@ -138,14 +143,17 @@ def test_without_done_keeps_partly_done_micro_batch():
     plan = make_plan(LENGTHS, 2, 8)                        # front 1 step 1 is [3, 4]
     p = plan.without_done(np.array([False, False, False, True, False]))
     assert plan_as_lists(p) == plan_as_lists(plan)         # seq 4 is not done, so [3, 4] stays whole
+    # [3, 4] done, but front 0's step 1 ([1]) is not: the step stays whole
     p = plan.without_done(np.array([False, False, False, True, True]))
-    assert plan_as_lists(p) == [{0: [2], 1: [1]}, {0: [0]}]
+    assert plan_as_lists(p) == plan_as_lists(plan)
+    p = plan.without_done(np.array([False, True, False, True, True]))
+    assert plan_as_lists(p) == [{0: [2]}, {0: [0]}]
 
 
 def test_make_plan_done_argument_is_without_done():
-    done = np.array([False, True, True, False, False])
-    # Seqs 1 and 2 done: all of front 0 ([2] then [1]) goes; front 1 is untouched.
-    assert plan_as_lists(make_plan(LENGTHS, 2, 6, done)) == [{}, {0: [0], 1: [4], 2: [3]}]
+    done = np.array([True, True, True, False, True])
+    # Steps 0 ([2], [0]) and 1 ([1], [4]) all done: they go; front 1's step 2 ([3]) stays.
+    assert plan_as_lists(make_plan(LENGTHS, 2, 6, done)) == [{}, {2: [3]}]
     assert plan_as_lists(make_plan(LENGTHS, 2, 6, done)) == plan_as_lists(make_plan(LENGTHS, 2, 6).without_done(done))
 
 
@@ -231,10 +239,11 @@ def test_without_done_properties(args, data):
                     dtype=bool)
     full = make_plan(lengths, n_fronts, budget)
     resumed = make_plan(lengths, n_fronts, budget, done)
+    left = {j for mbs in full.per_front for j, s in mbs.items() if not done[s].all()}
     for mbs, kept in zip(full.per_front, resumed.per_front):
-        # Exactly the micro-batches with something left to do remain, under the same step numbers.
-        assert {j: s.tolist() for j, s in kept.items()} == \
-               {j: s.tolist() for j, s in mbs.items() if not done[s].all()}
+        # Every micro-batch of a step with something left to do remains (the done ones too, so the
+        # experts see that step's rows as before), under the same step numbers; no other remains.
+        assert {j: s.tolist() for j, s in kept.items()} == {j: s.tolist() for j, s in mbs.items() if j in left}
     left = [s for mbs in resumed.per_front for seqs in mbs.values() for s in seqs.tolist()]
     assert set(np.flatnonzero(~done).tolist()) <= set(left)      # nothing not done is lost
     assert set(resumed.steps) <= set(full.steps)

@@ -6,9 +6,14 @@ sequences x longest length, stays within the token budget; a sequence longer tha
 micro-batch on its own.  Step j of the exchange is every front's micro-batch j; an expert rank knows
 from the plan which fronts send it a message at step j.
 
-The plan is always made from every sequence of the input; a resumed run then drops the micro-batches
-already done, keeping the step numbers.  So a micro-batch meets the same partners in every run of a
-layout, and a resumed run computes bit for bit what the uninterrupted run computed.
+The plan is always made from every sequence of the input; a resumed run then drops the steps at which
+every front's micro-batch is done, keeping the step numbers.  A step with any micro-batch left keeps
+all of its micro-batches, the done ones too (computed again, not written: ``Prepared.replayed``):
+an expert multiplies the rows of every front of a step as one matrix, and a product over fewer rows
+need not round alike (a resumed run once differed from the uninterrupted one where a commit had
+caught one front's micro-batch of a step and not the other's).  So a micro-batch meets the same
+partners in every run of a layout, and a resumed run computes bit for bit what the uninterrupted run
+computed.
 """
 from __future__ import annotations
 
@@ -67,8 +72,10 @@ class WorkPlan:
         return int(lengths[self.per_front[front][step]].sum())
 
     def without_done(self, done: np.ndarray) -> "WorkPlan":
-        """Drop micro-batches whose sequences are all done; the rest keep their step numbers."""
-        return WorkPlan([{j: seqs for j, seqs in mbs.items() if not done[seqs].all()} for mbs in self.per_front])
+        """Drop the steps at which every micro-batch's sequences are all done; the rest keep their step
+        numbers and all their micro-batches (see the module's docstring)."""
+        left = {j for mbs in self.per_front for j, seqs in mbs.items() if not done[seqs].all()}
+        return WorkPlan([{j: seqs for j, seqs in mbs.items() if j in left} for mbs in self.per_front])
 
 
 def make_plan(lengths: np.ndarray, n_fronts: int, max_tokens: int, done: np.ndarray | None = None) -> WorkPlan:

@@ -84,7 +84,14 @@ class Prepared:
         return make_plan(self.spec.lengths, n_fronts, max_tokens, self.done)
 
     def tokens_in(self, plan) -> int:
-        return int(sum(self.spec.lengths[seqs].sum() for mbs in plan.per_front for seqs in mbs.values()))
+        """Tokens of the plan's sequences still to be written (not those of micro-batches replayed)."""
+        return int(sum(self.spec.lengths[seqs[~self.done[seqs]]].sum()
+                       for mbs in plan.per_front for seqs in mbs.values()))
+
+    def replayed(self, seqs: np.ndarray) -> bool:
+        """Whether a micro-batch of the plan is done already, computed again only so that the experts
+        see its step's rows as the uninterrupted run did; its results are not written."""
+        return bool(self.done[seqs].all())
 
 
 def ipc_slots(opts: ScoreOptions) -> int:
