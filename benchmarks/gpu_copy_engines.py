@@ -31,12 +31,12 @@ HIDDEN = 7168
 GATE_CYCLES = 200_000_000      # about 0.1 s at 2 GHz: time for the host to queue every copy
 
 
-def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: dict, engine: str,
+def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: dict, ctas: int | None,
           driver: Driver) -> tuple[float, float]:
     """Seconds for ``repeats`` rounds of every (src GPU, dst GPU, bytes) copy at once, each split into
     ``chunks`` streams of the sending GPU, on the GPUs: every copy stream waits behind a gate (a sleep
     kernel long enough for the host to queue every copy), so launch costs do not count; and the host's
-    seconds to queue them.  ``engine``: "copy engines" or "triton N CTAs"."""
+    seconds to queue them.  ``ctas``: programs of the Triton copy, None for the copy engines."""
     streams = {(i, c): torch.cuda.Stream(src) for i, (src, _, _) in enumerate(copies) for c in range(chunks)}
     senders = sorted({src for src, _, _ in copies})
     for d in range(torch.cuda.device_count()):
@@ -56,8 +56,7 @@ def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: d
             step = nbytes // chunks
             for c in range(chunks):
                 s = streams[(i, c)]
-                if engine.startswith("triton"):
-                    ctas = int(engine.split()[1])
+                if ctas:
                     words = slice(c * step // 8, (c + 1) * step // 8)
                     with torch.cuda.stream(s):
                         copy_words(b["peer"][words], a["words"][words], ctas)
@@ -76,7 +75,8 @@ def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: d
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", default="7.3,14.7,29.4,58.7", help="message sizes in MB (512 and 4096 tokens of hidden 7168 bf16)")
+    p.add_argument("--mb", default="7.3,14.7,29.4,58.7",
+                   help="message sizes in MB (512, 1024, 2048 and 4096 tokens of hidden 7168 bf16)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--ctas", default="16,32,66,132", help="programs of the Triton copy (SMs it may hold)")
     p.add_argument("--out", default=str(RESULTS))
@@ -97,13 +97,11 @@ def main() -> int:
     for s in range(n):
         bufs[s]["words"] = bufs[s]["flat"].view(-1).view(torch.int64)
         for d in range(n):
-            if d != s:      # s's copies to d as a tensor of s (for its kernels to write)
-                bufs[(d, s)]["peer"] = words_at(bufs[(d, s)]["flat"].data_ptr(), bufs[(d, s)]["flat"].nbytes,
-                                                torch.device("cuda", s))
-    for s in range(n):          # peer access on (torch turns it on at a first copy between two GPUs)
-        for d in range(n):
             if d != s:
-                bufs[(d, s)]["flat"][:1].copy_(bufs[s]["flat"][:1])
+                landing = bufs[(d, s)]["flat"]
+                landing[:1].copy_(bufs[s]["flat"][:1])      # peer access on (torch's first copy turns it on)
+                # s's copies to d as a tensor of s, for its kernels to write
+                bufs[(d, s)]["peer"] = words_at(landing.data_ptr(), landing.nbytes, torch.device("cuda", s))
     exchange = [(0, 2), (0, 3), (1, 2), (1, 3), (2, 0), (3, 0), (2, 1), (3, 1)]
     patterns = [("one copy 0->1", [(0, 1)], 1), ("one copy 0->1 in 2 streams", [(0, 1)], 2),
                 ("one copy 0->1 in 4 streams", [(0, 1)], 4), ("0->1 and 1->0", [(0, 1), (1, 0)], 1),
@@ -116,15 +114,15 @@ def main() -> int:
     results = []
     for mb in (float(m) for m in args.mb.split(",")):
         nbytes = int(mb * 1e6) // (2 * HIDDEN * 4) * (2 * HIDDEN * 4)     # whole rows in every chunk
-        engines = ["copy engines"]
-        engines += [f"triton {c} CTAs" for c in args.ctas.split(",")] if triton is not None else []
-        for engine in engines:
+        engines = [("copy engines", None)]
+        engines += [(f"triton {c} CTAs", int(c)) for c in args.ctas.split(",")] if triton is not None else []
+        for engine, ctas in engines:
             for name, pairs, chunks in patterns:
-                if engine.startswith("triton") and chunks > 1:
+                if ctas and chunks > 1:
                     continue
                 copies = [(s, d, nbytes) for s, d in pairs]
-                timed(copies, chunks, 2, bufs, engine, driver)        # warm-up
-                sec, queued = min(timed(copies, chunks, args.repeats, bufs, engine, driver) for _ in range(3))
+                timed(copies, chunks, 2, bufs, ctas, driver)        # warm-up
+                sec, queued = min(timed(copies, chunks, args.repeats, bufs, ctas, driver) for _ in range(3))
                 if queued > GATE_CYCLES / 2.5e9:
                     print(f"  (queueing took {queued * 1e3:.0f} ms, longer than the gate: host-bound)")
                 busiest = max(sum(s == t for s, _ in pairs) for t, _ in pairs)

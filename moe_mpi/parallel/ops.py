@@ -88,8 +88,8 @@ class OpReceive:
     def joined(self) -> tuple[torch.Tensor, list[int]]:
         """Every sender's rows in one (rows, hidden) tensor, in sender order, and each sender's count.
         Receives that can copy their rows straight into rows of a given tensor (those with
-        ``wait_into(x, at)`` and ``announced``, the IPC transport's) do, saving the expert a copy of each message and the
-        concatenation."""
+        ``wait_into(x, at)`` and ``announced``, the IPC transport's) do, saving the expert a copy of
+        each message and the concatenation."""
         tr = self.transport
         if self.ops and all(hasattr(op, "wait_into") for op in self.ops):
             counts = [op.announced for op in self.ops]
