@@ -331,7 +331,9 @@ def render(data: dict) -> str:
                "Far from the ridge the runtime is within 10%: the weights stream at nearly the copy bandwidth "
                "for a few tokens, the products run at nearly the sustained peak for thousands. The profiles "
                "below give each kernel's time at the missed sizes (a burst of five calls, so at higher clocks "
-               "than the sustained timing)."]
+               "than the sustained timing). This sweep times powers of two; the sizes between them near the "
+               "ridge, and the schedules tried against the miss, are in `gpu_expert_ridge_<card>.md` "
+               "(`benchmarks/gpu_expert_ridge.py`)."]
         clocked = [r for r in runtime if r.get("clocks")]
         if clocked:
             def clock(r):

@@ -7,6 +7,17 @@ roofline: candidate schedules timed side by side with the runtime's, the same wa
 * ``chunks=n``: the intermediate dimension in n chunks; chunk c's gate/up product (and silu*mul) on one
   stream, its share of the down product on another, accumulating, so the down product of one chunk
   runs beside the gate/up of the next (each weight is still read once).
+* ``chunks=n, graph``: the same schedule replayed from a CUDA graph, so the host's launches and stream
+  switches cost nothing; ``bf16 addmm``: each chunk's down product added into the bf16 output by cuBLAS.
+* ``swapped``: each product asked of cuBLAS the other way round, weights x tokens^T, so it picks among
+  the kernels for a long first side (the output comes out transposed; one small copy turns it back);
+  ``swapped gate/up`` / ``swapped down`` only one of the two products so.
+* ``graph``: the runtime's calls replayed from a CUDA graph.
+* ``cuBLASLt`` / ``fp32 reduction``: the runtime with torch's other BLAS front end, or with bf16
+  reduced-precision reductions off (each changes which cuBLAS kernels are picked).
+* ``TunableOp``: the runtime under torch's TunableOp, which times the BLAS solutions it has for each
+  product's shape on first use and keeps the fastest; ``max-autotune``: the plain expert through
+  ``torch.compile(mode="max-autotune-no-cudagraphs")``, which times Triton templates against cuBLAS.
 * ``two streams``: gate and up products on two streams (as the expert benchmark's variant).
 * ``NN``: the weights stored transposed, (D, 2F) and (F, D), so cuBLAS picks among other kernels.
 """
@@ -31,6 +42,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="128,192,256")
     p.add_argument("--out", default="/tmp")
+    p.add_argument("--variants", default="", help="comma-separated names to run (default: all)")
+    p.add_argument("--rounds", type=int, default=1, help="times through every variant, one after another")
     args = p.parse_args()
     dev = torch.device("cuda")
     D, Fh = 7168, 18432
@@ -52,6 +65,19 @@ def main() -> int:
         y = x @ w13_t
         return kernels.silu_mul(y[:, :Fh], y[:, Fh:]) @ wd_t
 
+    def swapped(gate_up=True, down=True):
+        def run(x):
+            if gate_up:                 # (2F, D) x (D, T): the weights are the product's long side
+                y = torch.mm(w13, x.t())
+                h = kernels.silu_mul(y[:Fh], y[Fh:]).t()
+            else:
+                y = F.linear(x, w13)
+                h = kernels.silu_mul(y[:, :Fh], y[:, Fh:])
+            if down:
+                return torch.mm(wd, h.t()).t().contiguous()
+            return F.linear(h, wd)
+        return run
+
     def two_streams(x):
         cur = torch.cuda.current_stream(dev)
         s1.wait_stream(cur)
@@ -61,7 +87,7 @@ def main() -> int:
         cur.wait_stream(s1)
         return F.linear(kernels.silu_mul(g, u), wd)
 
-    def chunked(n):
+    def chunked(n, accumulate="fp32", record=True):
         size = Fh // n
         parts = [(torch.cat([wg[c * size:(c + 1) * size], wu[c * size:(c + 1) * size]]),
                   wd[:, c * size:(c + 1) * size]) for c in range(n)]
@@ -80,36 +106,114 @@ def main() -> int:
                 hs.append(h)
                 with torch.cuda.stream(s2):
                     s2.wait_event(ev)
-                    part = torch.mm(h, w_d.t(), out_dtype=torch.float32)
-                    y = part if c == 0 else y.add_(part)
+                    if accumulate == "fp32":
+                        part = torch.mm(h, w_d.t(), out_dtype=torch.float32)
+                        y = part if c == 0 else y.add_(part)
+                    else:               # bf16: each chunk's product added into the output by cuBLAS (beta = 1)
+                        y = F.linear(h, w_d) if c == 0 else torch.addmm(y, h, w_d.t())
+            cur.wait_stream(s1)
             cur.wait_stream(s2)
-            for t in hs + [y]:
-                t.record_stream(cur)
+            if record:
+                for t in hs + [y]:
+                    t.record_stream(cur)
             return y.to(torch.bfloat16)
         return run
 
-    variants = {"runtime": runtime, "NN": nn, "two streams": two_streams}
-    for n in (2, 3, 4, 6):
+    def graphed(make):
+        """``make()``'s function replayed from a CUDA graph captured once per input (static input)."""
+        cache = {}
+
+        def run(x):
+            key = (x.data_ptr(), x.shape)
+            if key not in cache:
+                fn = make()
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        fn(x)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                torch.cuda.synchronize(dev)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = fn(x)
+                cache[key] = (g, out, fn)    # fn holds the weights the graph reads
+            g, out, _ = cache[key]
+            g.replay()
+            return out
+        return run
+
+    def with_blas(library, fn):
+        def run(x):
+            before = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library(library)
+            try:
+                return fn(x)
+            finally:
+                torch.backends.cuda.preferred_blas_library(before)
+        return run
+
+    def tunable(fn):
+        """``fn`` under torch's TunableOp: each GEMM shape's first call times the BLAS solutions torch
+        registers for it and keeps the fastest (results written beside the table)."""
+        def run(x):
+            torch.cuda.tunable.enable(True)
+            torch.cuda.tunable.tuning_enable(True)
+            try:
+                return fn(x)
+            finally:
+                torch.cuda.tunable.enable(False)
+        return run
+
+    def compiled():
+        def plain(x):
+            y = F.linear(x, w13)
+            return F.linear(F.silu(y[:, :Fh]) * y[:, Fh:], wd)
+        return torch.compile(plain, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+    def full_precision_reduction(fn):
+        def run(x):
+            before = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+            try:
+                return fn(x)
+            finally:
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = before
+        return run
+
+    variants = {"runtime": runtime, "NN": nn, "two streams": two_streams,
+                "graph": graphed(lambda: runtime),
+                "swapped": swapped(), "swapped gate/up": swapped(down=False), "swapped down": swapped(gate_up=False),
+                "cuBLASLt": with_blas("cublaslt", runtime),
+                "fp32 reduction": full_precision_reduction(runtime),
+                "TunableOp": tunable(runtime), "max-autotune": compiled()}
+    for n in (2, 3, 4):
         variants[f"chunks={n}"] = chunked(n)
+        variants[f"chunks={n}, graph"] = graphed(lambda n=n: chunked(n, record=False))
+        variants[f"chunks={n}, bf16 addmm, graph"] = graphed(lambda n=n: chunked(n, "bf16", record=False))
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     rows = []
     for T in map(int, args.tokens.split(",")):
         x = torch.randn(T, D, device=dev).to(torch.bfloat16)
         ref = runtime(x).float()
         roof = max(6 * T * D * Fh / (peak_tf * 1e12), (3 * D * Fh + 2 * T * D) * 2 / (bw_gb * 1e9)) * 1e3
-        for name, fn in variants.items():
+        for rnd, (name, fn) in ((r, v) for r in range(args.rounds) for v in variants.items()):
             try:
                 err = ((fn(x).float() - ref).norm() / ref.norm()).item()
                 ms = median(time_sustained(lambda: fn(x), dev, warm_s=0.15, run_s=0.2))
             except Exception as exc:     # a variant this torch cannot run
                 print(f"T={T} {name}: {exc!r}", flush=True)
                 continue
-            rows.append({"tokens": T, "variant": name, "ms": ms, "roofline_ms": roof, "of_roofline": roof / ms,
+            rows.append({"tokens": T, "variant": name, "round": rnd, "ms": ms, "roofline_ms": roof, "of_roofline": roof / ms,
                          "rel_err_vs_runtime": err, "clocks": gpu_clocks(dev)})
             print(f"T={T:5d} {name:12s} {ms:.4f} ms  roofline {roof:.4f}  of roofline {roof / ms:.3f}  "
                   f"rel err {err:.1e}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"gpu_expert_ridge_{card_slug(dev)}.json").write_text(
-        json.dumps({"peak_tflops": peak_tf, "copy_gbps": bw_gb, "rows": rows}, indent=1))
+        json.dumps({"peak_tflops": peak_tf, "copy_gbps": bw_gb, "rows": rows,
+                    "tunableop_results": [[str(v) for v in r] for r in torch.cuda.tunable.get_results()]
+                    if "TunableOp" in variants else None, "torch": torch.__version__}, indent=1))
     return 0
 
 
