@@ -141,6 +141,9 @@ def main() -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--small", action="store_true", help="small sizes: a check of the script, not a benchmark")
     p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--between", default="96,160,192,320,384,768",
+                   help="sizes between the powers of two near the ridge point, timed for the runtime and torch "
+                        "variants only (comma-separated; empty for none)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--render", metavar="JSON", help="rewrite the markdown of an earlier results JSON and exit")
     args = p.parse_args()
@@ -167,6 +170,8 @@ def main() -> int:
     mlp = build_expert(cfg, 0, 0, dtype=dtype, device=device)
     impls = variants(mlp, device)
     sizes = [1 << i for i in range(args.max_tokens.bit_length()) if 1 << i <= args.max_tokens]
+    between = sorted({int(t) for t in args.between.split(",") if t.strip()} - set(sizes))
+    between = [T for T in between if T <= args.max_tokens]
 
     # correctness against fp32 on fresh inputs, every variant
     checks = {}
@@ -210,14 +215,14 @@ def main() -> int:
 
     rows = []
     weight_bytes = 3 * D * Fh * 2
-    for T in sizes:
+    for T in sorted(sizes + between):
         x = torch.randn(T, D, device=device, dtype=dtype)
         flops = 6 * T * D * Fh
         nbytes = weight_bytes + 2 * T * D * 2
         roof_ms = max(flops / (peak["tflops"] * 1e12), nbytes / (copy["gbps"] * 1e9)) * 1e3
         burst_ms = max(flops / (burst["tflops"] * 1e12), nbytes / (copy["gbps"] * 1e9)) * 1e3
         for name, fn in impls.items():
-            if T > MAX_TOKENS.get(name, T):
+            if T > MAX_TOKENS.get(name, T) or (T in between and name not in ("runtime", "torch")):
                 continue
             if fn == "graph":
                 y = torch.empty(T, D, device=device, dtype=dtype)
@@ -251,7 +256,7 @@ def main() -> int:
 
     profiles = {}
     if device.type == "cuda":
-        for T in sizes:
+        for T in sorted(sizes + between):
             run = next(r for r in rows if r["tokens"] == T and r["variant"] == "runtime")
             if run["fraction"] < 0.9:
                 x = torch.randn(T, D, device=device, dtype=dtype)
@@ -263,7 +268,7 @@ def main() -> int:
             "fused_max_tokens": kernels.FUSED_MAX_TOKENS, "tma_max_tokens": kernels.TMA_MAX_TOKENS,
             "tma_down_max_tokens": kernels.TMA_DOWN_MAX_TOKENS,
             "graph_max_tokens": kernels.GRAPH_MAX_TOKENS if os.environ.get("MOE_MPI_EXPERT_GRAPHS", "1") != "0" else 0, "rows": rows, "checks": checks,
-            "checks_ok": checks_ok, "tma_sweep": sweep, "profiles": profiles}
+            "checks_ok": checks_ok, "tma_sweep": sweep, "profiles": profiles, "between": between}
     data["target_met"] = all(r["fraction"] >= 0.9 for r in rows if r["variant"] == "runtime")
     stem = f"gpu_expert_mlp_{card_slug(device)}" + ("_small" if args.small else "")
     paths = write_results(args.out, stem, render(data), data)
@@ -331,8 +336,11 @@ def render(data: dict) -> str:
                "Far from the ridge the runtime is within 10%: the weights stream at nearly the copy bandwidth "
                "for a few tokens, the products run at nearly the sustained peak for thousands. The profiles "
                "below give each kernel's time at the missed sizes (a burst of five calls, so at higher clocks "
-               "than the sustained timing). This sweep times powers of two; the sizes between them near the "
-               "ridge, and the schedules tried against the miss, are in `gpu_expert_ridge_<card>.md` "
+               "than the sustained timing). "
+               + (f"Sizes between the powers of two ({', '.join(map(str, data['between']))}) are timed for the "
+                  "`runtime` and `torch` variants only. " if data.get("between") else
+                  "This sweep timed powers of two only. ")
+               + "The schedules and BLAS choices tried against the miss are in `gpu_expert_ridge_<card>.md` "
                "(`benchmarks/gpu_expert_ridge.py`)."]
         clocked = [r for r in runtime if r.get("clocks")]
         if clocked:
