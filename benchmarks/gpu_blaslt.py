@@ -147,8 +147,8 @@ def main() -> int:
             torch_us = 1e3 * median(time_ms(lambda: F.linear(inp, w), dev, warmup=5, iters=30))
             prob = lt.problem(T, N, K, inp.stride(0))
             y = torch.empty(T, N, device=dev, dtype=torch.bfloat16)
-            timed = []
-            for i, r in enumerate(lt.algos(prob, args.algos)):
+            timed, offered = [], lt.algos(prob, args.algos)
+            for i, r in enumerate(offered):
                 try:
                     lt.matmul(prob, r.algo, inp, w, y)
                     err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -160,7 +160,7 @@ def main() -> int:
                               "waves": r.waves, "workspace": r.workspace_size, "rel_err": err, **lt.config(r.algo)})
             rows += timed
             fastest = min(timed, key=lambda t: t["us"])
-            best[name] = (prob, lt.algos(prob, args.algos)[fastest["index"]].algo)
+            best[name] = (prob, offered[fastest["index"]].algo)
             print(f"T={T:4d} {name:8s} torch {torch_us:7.1f} us; heuristic #0 {timed[0]['us']:7.1f} us; "
                   f"fastest #{fastest['index']} {fastest['us']:7.1f} us (waves {fastest['waves']:.2f}, "
                   f"{ {k: fastest[k] for k in CONFIG_ATTRS if k in fastest} }) of {len(timed)}", flush=True)
