@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import card_slug, copy_bandwidth, gpu_clocks, matmul_peak, median, time_ms, time_sustained  # noqa: E402
+from gpu_common import card_slug, copy_bandwidth, expert_weights, gpu_clocks, matmul_peak, median, time_ms, time_sustained  # noqa: E402
 from moe_mpi.model import kernels  # noqa: E402
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -94,8 +94,8 @@ class Lt:
         pref = c.c_void_p()
         self._check(lib.cublasLtMatmulPreferenceCreate(c.byref(pref)), "PreferenceCreate")
         ws = c.c_uint64(self.workspace.numel())
-        self._check(lib.cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, c.byref(ws), c.c_size_t(8)),
-                    "PreferenceSetAttribute")
+        self._check(lib.cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, c.byref(ws),
+                                                             c.c_size_t(8)), "PreferenceSetAttribute")
         results = (HeuristicResult * count)()
         got = c.c_int(0)
         self._check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, count, results,
@@ -130,10 +130,8 @@ def main() -> int:
     args = p.parse_args()
     dev = torch.device("cuda")
     D, Fh = 7168, 18432
-    torch.manual_seed(0)
-    w13 = (torch.randn(2 * Fh, D, device=dev) * 0.02).to(torch.bfloat16)
+    w13, wd = expert_weights(dev)
     wg, wu = w13[:Fh], w13[Fh:]
-    wd = (torch.randn(D, Fh, device=dev) * 0.02).to(torch.bfloat16)
     lt = Lt(dev)
     peak = matmul_peak(dev, sustained=True)["tflops"]
     bw = copy_bandwidth(dev)["gbps"]

@@ -127,6 +127,16 @@ def copy_bandwidth(device: torch.device, small: bool = False) -> dict:
     return {"gbps": 2 * n / (ms * 1e-3) / 1e9, "buffer_bytes": n}
 
 
+def expert_weights(device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert at paper width with random bf16 weights: the gate and up weights stacked as one
+    (2 x 18432, 7168) tensor, as the loader keeps them on CUDA, and the (7168, 18432) down weights."""
+    D, Fh = 7168, 18432
+    torch.manual_seed(seed)
+    w13 = (torch.randn(2 * Fh, D, device=device) * 0.02).to(torch.bfloat16)
+    wd = (torch.randn(D, Fh, device=device) * 0.02).to(torch.bfloat16)
+    return w13, wd
+
+
 def write_results(out_dir: str | Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

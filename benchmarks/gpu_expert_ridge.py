@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import card_slug, copy_bandwidth, gpu_clocks, matmul_peak, median, time_sustained  # noqa: E402
+from gpu_common import card_slug, copy_bandwidth, expert_weights, gpu_clocks, matmul_peak, median, time_sustained  # noqa: E402
 from moe_mpi.model import kernels  # noqa: E402
 
 
@@ -47,10 +47,8 @@ def main() -> int:
     args = p.parse_args()
     dev = torch.device("cuda")
     D, Fh = 7168, 18432
-    torch.manual_seed(0)
-    w13 = (torch.randn(2 * Fh, D, device=dev) * 0.02).to(torch.bfloat16)
+    w13, wd = expert_weights(dev)
     wg, wu = w13[:Fh], w13[Fh:]
-    wd = (torch.randn(D, Fh, device=dev) * 0.02).to(torch.bfloat16)
     w13_t = w13.t().contiguous()            # (D, 2F)
     wd_t = wd.t().contiguous()              # (F, D)
     peak = matmul_peak(dev, sustained=True)
@@ -143,19 +141,23 @@ def main() -> int:
             return out
         return run
 
-    def with_blas(library, fn):
+    def setting(get, put, value, fn):
+        """``fn`` run with a torch setting (read by ``get``, written by ``put``) at ``value``, then restored."""
         def run(x):
-            before = torch.backends.cuda.preferred_blas_library()
-            torch.backends.cuda.preferred_blas_library(library)
+            before = get()
+            put(value)
             try:
                 return fn(x)
             finally:
-                torch.backends.cuda.preferred_blas_library(before)
+                put(before)
         return run
+
+    def put_reduction(v):
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = v
 
     def tunable(fn):
         """``fn`` under torch's TunableOp: each GEMM shape's first call times the BLAS solutions torch
-        registers for it and keeps the fastest (results written beside the table)."""
+        registers for it and keeps the fastest (what it kept goes into the JSON)."""
         def run(x):
             torch.cuda.tunable.enable(True)
             torch.cuda.tunable.tuning_enable(True)
@@ -171,21 +173,13 @@ def main() -> int:
             return F.linear(F.silu(y[:, :Fh]) * y[:, Fh:], wd)
         return torch.compile(plain, mode="max-autotune-no-cudagraphs", dynamic=False)
 
-    def full_precision_reduction(fn):
-        def run(x):
-            before = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-            try:
-                return fn(x)
-            finally:
-                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = before
-        return run
-
     variants = {"runtime": runtime, "NN": nn, "two streams": two_streams,
                 "graph": graphed(lambda: runtime),
                 "swapped": swapped(), "swapped gate/up": swapped(down=False), "swapped down": swapped(gate_up=False),
-                "cuBLASLt": with_blas("cublaslt", runtime),
-                "fp32 reduction": full_precision_reduction(runtime),
+                "cuBLASLt": setting(torch.backends.cuda.preferred_blas_library,
+                                    torch.backends.cuda.preferred_blas_library, "cublaslt", runtime),
+                "fp32 reduction": setting(lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                                          put_reduction, False, runtime),
                 "TunableOp": tunable(runtime), "max-autotune": compiled()}
     for n in (2, 3, 4):
         variants[f"chunks={n}"] = chunked(n)
@@ -205,7 +199,8 @@ def main() -> int:
             except Exception as exc:     # a variant this torch cannot run
                 print(f"T={T} {name}: {exc!r}", flush=True)
                 continue
-            rows.append({"tokens": T, "variant": name, "round": rnd, "ms": ms, "roofline_ms": roof, "of_roofline": roof / ms,
+            rows.append({"tokens": T, "variant": name, "round": rnd, "ms": ms, "roofline_ms": roof,
+                         "of_roofline": roof / ms,
                          "rel_err_vs_runtime": err, "clocks": gpu_clocks(dev)})
             print(f"T={T:5d} {name:12s} {ms:.4f} ms  roofline {roof:.4f}  of roofline {roof / ms:.3f}  "
                   f"rel err {err:.1e}", flush=True)
