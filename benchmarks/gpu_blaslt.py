@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import card_slug, copy_bandwidth, expert_weights, gpu_clocks, matmul_peak, median, time_ms, time_sustained  # noqa: E402
+from gpu_common import card_slug, copy_bandwidth, expert_roofline_ms, expert_weights, gpu_clocks, matmul_peak, median, time_ms, time_sustained  # noqa: E402
 from moe_mpi.model import kernels  # noqa: E402
 
 CUDA_R_32F, CUDA_R_16BF = 0, 14
@@ -174,7 +174,7 @@ def main() -> int:
         def runtime(x=x):
             return kernels.swiglu_mlp(x, wg, wu, wd)
 
-        roof = max(6 * T * D * Fh / (peak * 1e12), (3 * D * Fh + 2 * T * D) * 2 / (bw * 1e9)) * 1e3
+        roof = expert_roofline_ms(T, D, Fh, peak, bw)
         ref = runtime().float()
         err = ((picked().float() - ref).norm() / ref.norm()).item()
         for rnd in range(2):

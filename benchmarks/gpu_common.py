@@ -127,6 +127,14 @@ def copy_bandwidth(device: torch.device, small: bool = False) -> dict:
     return {"gbps": 2 * n / (ms * 1e-3) / 1e9, "buffer_bytes": n}
 
 
+def expert_roofline_ms(tokens: int, hidden: int, intermediate: int, tflops: float, gbps: float) -> float:
+    """The SwiGLU expert's roofline time for ``tokens`` rows, in ms: max(6 T D F / peak, (3 D F + 2 T D)
+    x 2 bytes / copy bandwidth), its products at the matrix-product peak or its bf16 weights, input and
+    output streamed at the copy bandwidth, whichever takes longer."""
+    T, D, F = tokens, hidden, intermediate
+    return max(6 * T * D * F / (tflops * 1e12), (3 * D * F + 2 * T * D) * 2 / (gbps * 1e9)) * 1e3
+
+
 def expert_weights(device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """An expert at paper width with random bf16 weights: the gate and up weights stacked as one
     (2 x 18432, 7168) tensor, as the loader keeps them on CUDA, and the (7168, 18432) down weights."""

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import (RESULTS, card_slug, copy_bandwidth, environment, gpu_clocks, matmul_peak, md_table,  # noqa: E402
-                        median, time_ms, time_sustained, write_results)
+from gpu_common import (RESULTS, card_slug, copy_bandwidth, environment, expert_roofline_ms,  # noqa: E402
+                        gpu_clocks, matmul_peak, md_table, median, time_ms, time_sustained, write_results)
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.model import kernels  # noqa: E402
 from moe_mpi.model.weights import build_expert  # noqa: E402
@@ -219,8 +219,8 @@ def main() -> int:
         x = torch.randn(T, D, device=device, dtype=dtype)
         flops = 6 * T * D * Fh
         nbytes = weight_bytes + 2 * T * D * 2
-        roof_ms = max(flops / (peak["tflops"] * 1e12), nbytes / (copy["gbps"] * 1e9)) * 1e3
-        burst_ms = max(flops / (burst["tflops"] * 1e12), nbytes / (copy["gbps"] * 1e9)) * 1e3
+        roof_ms = expert_roofline_ms(T, D, Fh, peak["tflops"], copy["gbps"])
+        burst_ms = expert_roofline_ms(T, D, Fh, burst["tflops"], copy["gbps"])
         for name, fn in impls.items():
             if T > MAX_TOKENS.get(name, T) or (T in between and name not in ("runtime", "torch")):
                 continue

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import card_slug, copy_bandwidth, expert_weights, gpu_clocks, matmul_peak, median, time_sustained  # noqa: E402
+from gpu_common import card_slug, copy_bandwidth, expert_roofline_ms, expert_weights, gpu_clocks, matmul_peak, median, time_sustained  # noqa: E402
 from moe_mpi.model import kernels  # noqa: E402
 
 
@@ -191,7 +191,7 @@ def main() -> int:
     for T in map(int, args.tokens.split(",")):
         x = torch.randn(T, D, device=dev).to(torch.bfloat16)
         ref = runtime(x).float()
-        roof = max(6 * T * D * Fh / (peak_tf * 1e12), (3 * D * Fh + 2 * T * D) * 2 / (bw_gb * 1e9)) * 1e3
+        roof = expert_roofline_ms(T, D, Fh, peak_tf, bw_gb)
         for rnd, (name, fn) in ((r, v) for r in range(args.rounds) for v in variants.items()):
             try:
                 err = ((fn(x).float() - ref).norm() / ref.norm()).item()

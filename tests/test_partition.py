@@ -239,11 +239,11 @@ def test_without_done_properties(args, data):
                     dtype=bool)
     full = make_plan(lengths, n_fronts, budget)
     resumed = make_plan(lengths, n_fronts, budget, done)
-    left = {j for mbs in full.per_front for j, s in mbs.items() if not done[s].all()}
+    live_steps = {j for mbs in full.per_front for j, s in mbs.items() if not done[s].all()}
     for mbs, kept in zip(full.per_front, resumed.per_front):
         # Every micro-batch of a step with something left to do remains (the done ones too, so the
         # experts see that step's rows as before), under the same step numbers; no other remains.
-        assert {j: s.tolist() for j, s in kept.items()} == {j: s.tolist() for j, s in mbs.items() if j in left}
+        assert {j: s.tolist() for j, s in kept.items()} == {j: s.tolist() for j, s in mbs.items() if j in live_steps}
     left = [s for mbs in resumed.per_front for seqs in mbs.values() for s in seqs.tolist()]
     assert set(np.flatnonzero(~done).tolist()) <= set(left)      # nothing not done is lost
     assert set(resumed.steps) <= set(full.steps)
