@@ -170,8 +170,8 @@ def main() -> int:
     mlp = build_expert(cfg, 0, 0, dtype=dtype, device=device)
     impls = variants(mlp, device)
     sizes = [1 << i for i in range(args.max_tokens.bit_length()) if 1 << i <= args.max_tokens]
-    between = sorted({int(t) for t in args.between.split(",") if t.strip()} - set(sizes))
-    between = [T for T in between if T <= args.max_tokens]
+    between = sorted({int(t) for t in args.between.split(",") if t.strip() and int(t) <= args.max_tokens} - set(sizes))
+    timed = sorted(sizes + between)
 
     # correctness against fp32 on fresh inputs, every variant
     checks = {}
@@ -215,7 +215,7 @@ def main() -> int:
 
     rows = []
     weight_bytes = 3 * D * Fh * 2
-    for T in sorted(sizes + between):
+    for T in timed:
         x = torch.randn(T, D, device=device, dtype=dtype)
         flops = 6 * T * D * Fh
         nbytes = weight_bytes + 2 * T * D * 2
@@ -256,7 +256,7 @@ def main() -> int:
 
     profiles = {}
     if device.type == "cuda":
-        for T in sorted(sizes + between):
+        for T in timed:
             run = next(r for r in rows if r["tokens"] == T and r["variant"] == "runtime")
             if run["fraction"] < 0.9:
                 x = torch.randn(T, D, device=device, dtype=dtype)
