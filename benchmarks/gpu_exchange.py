@@ -17,8 +17,10 @@ benchmarks/results/gpu_exchange_<card>.{md,json}, the markdown written by ``gpu_
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import sys
 import time
@@ -63,15 +65,15 @@ def micro_batch(front: int, step: int, n_rows: int, hidden: int, dtype, device) 
 
 
 def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int], hidden, dtype, device,
-              in_flight: int, xs: dict | None, clock: list) -> int:
-    """All micro-batches through every layer and back; returns how many came back wrong.  The check
-    adds up on the device (no host sync per micro-batch: the all-to-all baselines have none); the
-    host time inside the transport's calls is added to clock[0]."""
+              in_flight: int, xs: dict | None, clock: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """All micro-batches through every layer and back; returns each one's (rows back, rows sent), to
+    be compared once the timing has stopped: the all-to-all baselines' loops make no check, and
+    comparing in the loop cost the front's host three launches a micro-batch.  The host time inside
+    the transport's calls is added to clock[0]."""
     offsets = [0]
     for r in rows:
         offsets.append(offsets[-1] + r)
-    active, nxt = {}, 0
-    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    active, nxt, back = {}, 0, []
     while nxt < len(steps) or active:
         while len(active) < in_flight and nxt < len(steps):
             s = steps[nxt]
@@ -89,9 +91,9 @@ def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int],
                 active[s] = [layer + 1, tr.dispatch(layer + 1, s, y, offsets), x]
             clock[0] += time.perf_counter() - t0
             if done and layer + 1 >= layout.n_moe_layers:
-                wrong += (y != x).any()
+                back.append((y, x))
                 del active[s]
-    return int(wrong)
+    return back
 
 
 def split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
@@ -130,15 +132,33 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
     rows = rows_for(tokens, args.top_k, layout.n_experts)
     comms.world.Barrier()
     t0 = time.perf_counter()
-    bad, clock = 0, [0.0]
+    back, clock = [], [0.0]
     if role.kind == "front":
-        bad = run_front(tr, layout, role.front, steps_order, rows, hidden, dtype, device, args.in_flight, xs, clock)
+        back = run_front(tr, layout, role.front, steps_order, rows, hidden, dtype, device, args.in_flight, xs, clock)
     else:
         run_expert(tr, layout, role.layer, len(steps_order), max(rows), max(2, args.in_flight), clock)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = comms.world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    bad = sum(int((y != x).any()) for y, x in back)     # every element of every micro-batch
     return elapsed, comms.world.allreduce(bad, op=MPI.SUM), comms.world.allreduce(clock[0], op=MPI.MAX) / elapsed
+
+
+def write_profile(prof: cProfile.Profile, path: Path, title: str) -> None:
+    """A rank's profile as text: the functions by their own time, then by cumulative time, in
+    microseconds (cProfile's own cost inflates the small ones; read them as shares)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats = pstats.Stats(prof).stats       # (file, line, name) -> (prim calls, calls, own s, cum s, callers)
+    total = sum(v[2] for v in stats.values())
+    lines = [title, f"{total * 1e6:.0f} us profiled in all", ""]
+    for key, label in ((2, "own time"), (3, "cumulative time")):
+        lines += [f"by {label}:", f"{'calls':>8} {'own us':>9} {'own/call':>9} {'cum us':>9} {'cum/call':>9}  function"]
+        for (file, line, name), v in sorted(stats.items(), key=lambda kv: -kv[1][key])[:35]:
+            where = f"{Path(file).name}:{line}({name})" if line else name
+            lines.append(f"{v[1]:>8} {v[2] * 1e6:>9.0f} {v[2] * 1e6 / v[1]:>9.2f} {v[3] * 1e6:>9.0f} "
+                         f"{v[3] * 1e6 / v[1]:>9.2f}  {where}")
+        lines.append("")
+    path.write_text("\n".join(lines))
 
 
 def main() -> int:
@@ -158,6 +178,8 @@ def main() -> int:
     p.add_argument("--shuffle", action="store_true", help="dispatch micro-batches out of step order")
     p.add_argument("--tag", default="", help="results named gpu_exchange_<tag>_<card> (a run under other settings)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--profile", metavar="DIR", help="run the timed repeats under cProfile and write each rank's "
+                   "profile (by own time) to DIR/profile_<transport>_<tokens>_rank<r>.txt")
     p.add_argument("--report", metavar="JSON", help="only rebuild the markdown of a results file (next to it)")
     args = p.parse_args()
     if args.report:
@@ -208,11 +230,20 @@ def main() -> int:
         for name, tr in transports.items():
             time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, [0, 1], xs)  # warm-up
             best, bad, host = float("inf"), 0, None
+            prof = cProfile.Profile() if args.profile else None
             for _ in range(args.repeats):
+                if prof:
+                    prof.enable()
                 t, b, h = time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, order, xs)
+                if prof:
+                    prof.disable()
                 if t < best:
                     best, host = t, h
                 bad += b
+            if prof:
+                write_profile(prof, Path(args.profile) / f"profile_{name}_{tokens}_rank{world.Get_rank()}.txt",
+                              f"rank {world.Get_rank()} ({role.kind}), {name}, {tokens} tokens, "
+                              f"{args.repeats} repeats of {args.micro_batches} micro-batches, best {best * 1e3:.2f} ms")
             results.append({"transport": name, "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6,
                             "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad,
                             "host_in_transport": host})
