@@ -50,10 +50,10 @@ def instrument() -> None:
     # (wait and wait_into both take through _take)
     fill = ipc.SendRing.fill
 
-    def s_init(self, tr, comm, peer, step, x, what, ready=None):
+    def s_init(self, tr, comm, peer, step, *rest, **kw):
         self._stamp = (step, peer)
         STAMPS.append((now(), "send_made", step, peer))
-        send_init(self, tr, comm, peer, step, x, what, ready)
+        send_init(self, tr, comm, peer, step, *rest, **kw)
 
     def s_progress(self):
         t0 = now()
@@ -63,10 +63,10 @@ def instrument() -> None:
             STAMPS.append((now(), "send_posted", *self._stamp))
         return out
 
-    def r_init(self, tr, comm, peer, step, out, cap, what):
+    def r_init(self, tr, comm, peer, step, *rest, **kw):
         self._stamp = (step, peer)
         STAMPS.append((now(), "recv_made", step, peer))
-        recv_init(self, tr, comm, peer, step, out, cap, what)
+        recv_init(self, tr, comm, peer, step, *rest, **kw)
 
     def r_progress(self):
         out = recv_progress(self)
@@ -80,15 +80,15 @@ def instrument() -> None:
         STAMPS.append((t0, "take_start", *self._stamp))
         STAMPS.append((now(), "taken", *self._stamp))
 
-    def s_fill(self, slot, step, x, ready):
-        if not self.tr.cuda or not x.shape[0]:
-            return fill(self, slot, step, x, ready)
+    def s_fill(self, slot, step, x, lo, n, ready):
+        if not self.tr.cuda or not n:
+            return fill(self, slot, step, x, lo, n, ready)
         # the copy's own start and end on the GPU, after the wait the transport puts before it
         if ready:
             self.tr.driver.wait(self.handle, ready)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record(self.stream)
-        fill(self, slot, step, x, 0)
+        fill(self, slot, step, x, lo, n, 0)
         b.record(self.stream)
         COPIES.append((self.peer, slot, now(), a, b))
 

@@ -47,7 +47,7 @@ from mpi4py import MPI
 
 from .cuda_driver import Driver, current_stream_handle, stream_writes_problem
 from .exchange import exchange_pairs
-from .ops import Op, OpTransport
+from .ops import REPLY_FROM, REPLY_TO, SEND_TO, Described, Op, OpExchange, OpSends, OpTransport
 from .peer_copy import copy_words, sm_copy_threshold, words_at
 
 log = logging.getLogger("moe_mpi")
@@ -147,22 +147,22 @@ class SendRing:
                 return slot
         return None
 
-    def fill(self, slot: int, step: int, x: torch.Tensor, ready: int) -> None:
-        """Copy x into the peer's slot once ``ready`` (a raw event handle, 0 for none) has passed, then
-        say so in the slot's mailbox."""
-        tr, nbytes = self.tr, x.shape[0] * self.tr.row_bytes
+    def fill(self, slot: int, step: int, x: torch.Tensor, lo: int, n: int, ready: int) -> None:
+        """Copy rows lo...lo+n of x (contiguous) into the peer's slot once ``ready`` (a raw event
+        handle, 0 for none) has passed, then say so in the slot's mailbox."""
+        tr, nbytes = self.tr, n * self.tr.row_bytes
         self.fills[slot] += 1
-        word = (step + 1) << 32 | x.shape[0]
+        word = (step + 1) << 32 | n
         if not tr.cuda:
             start = slot * tr.slot_bytes
-            self.remote[start:start + nbytes] = x.contiguous().view(-1).view(torch.uint8).numpy()
+            self.remote[start:start + nbytes] = x[lo:lo + n].contiguous().view(-1).view(torch.uint8).numpy()
             self.box[slot, FILLED] = word
             return
         d = tr.driver
         if nbytes:
             if ready:
                 d.wait(self.handle, ready)
-            dst, src = self.remote + slot * tr.slot_bytes, x.data_ptr()
+            dst, src = self.remote + slot * tr.slot_bytes, x.data_ptr() + lo * tr.row_bytes
             if tr.sm_copy_bytes is not None and nbytes >= tr.sm_copy_bytes and (dst | src | nbytes) % 8 == 0:
                 with torch.cuda.stream(self.stream):
                     copy_words(words_at(dst, nbytes, tr.device), words_at(src, nbytes, tr.device))
@@ -209,40 +209,62 @@ class RecvRing:
             self.box[slot, FREED] = self.takes[slot]
 
 
+class SharedReady:
+    """An event of the transport's pool recorded once on the compute stream for all the sends of one
+    dispatch or reply (their rows are computed once it passes), back in the pool once the last of
+    their copy streams waits for it."""
+    __slots__ = ("tr", "handle", "left")
+
+    def __init__(self, tr: "IPCTransport", uses: int):
+        self.tr, self.left, self.handle = tr, uses, tr.event()
+        tr.driver.record(self.handle, current_stream_handle(tr.device))
+
+    def used(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.tr.events.append(self.handle)
+
+
 class IpcSend(Op):
-    def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what: str, ready=None):
+    """Rows lo...lo+n of x (all of them by default) to a peer.  They are computed once ``ready`` (the
+    caller's event) has passed, or ``shared``'s event, or else the compute stream's work so far."""
+
+    def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what, ready=None,
+                 lo: int = 0, n: int | None = None, shared: SharedReady | None = None):
         self.tr, self.step, self.what = tr, step, what
         self.ring = tr.send_rings[(id(comm), peer)]
-        self.x = x
-        if x.shape[0] > tr.max_rows:
-            raise RuntimeError(f"{what}: {x.shape[0]} rows, but the transport's slots hold {tr.max_rows}")
+        self.x, self.lo, self.n = x, lo, x.shape[0] if n is None else n
+        if self.n > tr.max_rows:
+            raise RuntimeError(f"{what}: {self.n} rows, but the transport's slots hold {tr.max_rows}")
         if not 0 <= step <= MAX_STEP:
             raise RuntimeError(f"{what}: step {step} does not fit a mailbox word (at most {MAX_STEP})")
-        # x is computed once the compute stream gets here (an event of the transport's pool, back in
-        # the pool once the copy's stream waits for it), or where the caller's event says
-        self.ready, self.pooled, self.caller_event = 0, False, None
-        if tr.cuda and x.shape[0]:
-            if ready is None:
-                self.ready, self.pooled = tr.event(), True
-                tr.driver.record(self.ready, current_stream_handle(tr.device))
-            else:
+        self.ready, self.shared, self.caller_event = 0, None, None
+        if tr.cuda and self.n:
+            if ready is not None:
                 self.ready, self.caller_event = ready.cuda_event, ready    # (kept alive until posted)
+            else:
+                self.shared = shared or SharedReady(tr, 1)
+                self.ready = self.shared.handle
 
     def progress(self) -> bool:
         slot = self.ring.take()
         if slot is None:
             return False
-        self.ring.fill(slot, self.step, self.x, self.ready)
-        if self.pooled:
-            self.tr.events.append(self.ready)
-        self.x, self.ready, self.caller_event = None, 0, None
+        self.ring.fill(slot, self.step, self.x, self.lo, self.n, self.ready)
+        if self.shared is not None:
+            self.shared.used()
+        self.x, self.ready, self.shared, self.caller_event = None, 0, None, None
         return True
 
 
 class IpcRecv(Op):
+    """A message from a peer, into rows at...at+n of ``out`` (contiguous; n: all its rows by default)
+    or, with no ``out``, a tensor of its own of at most ``cap`` rows."""
+
     def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, out: torch.Tensor | None,
-                 cap: int | None, what: str):
-        self.tr, self.step, self.what, self.out, self.cap = tr, step, what, out, cap
+                 cap: int | None, what, at: int = 0, n: int | None = None):
+        self.tr, self.step, self.what, self.out, self.cap, self.at = tr, step, what, out, cap, at
+        self.expected = None if out is None else out.shape[0] - at if n is None else n
         self.ring = tr.recv_rings[(id(comm), peer)]
         self.taken, self.n, self.slot = False, 0, -1
         if out is not None and not out.is_contiguous():
@@ -253,8 +275,8 @@ class IpcRecv(Op):
         if found is None:
             return False
         slot, rows = found
-        if self.out is not None and rows != self.out.shape[0]:
-            raise RuntimeError(f"{self.what}: {rows} rows announced, {self.out.shape[0]} expected")
+        if self.expected is not None and rows != self.expected:
+            raise RuntimeError(f"{self.what}: {rows} rows announced, {self.expected} expected")
         if self.cap is not None and rows > self.cap:
             raise RuntimeError(f"{self.what}: {rows} rows announced, at most {self.cap} expected")
         self.n, self.slot = rows, slot
@@ -275,7 +297,7 @@ class IpcRecv(Op):
         if not self.taken:
             if self.out is None:
                 self.out = torch.empty(self.n, self.tr.hidden, dtype=self.tr.dtype, device=self.tr.device)
-            self._take(self.out, 0)
+            self._take(self.out, self.at)
 
     def _take(self, x: torch.Tensor, at: int) -> None:
         if self.slot < 0:
@@ -286,7 +308,7 @@ class IpcRecv(Op):
 
     @property
     def rows(self) -> torch.Tensor:
-        return self.out
+        return self.out[self.at:self.at + self.n] if self.at or self.n != self.out.shape[0] else self.out
 
 
 class IpcChannel:
@@ -340,6 +362,37 @@ class IPCTransport(OpTransport):
     def event(self) -> int:
         """A raw event from the pool (a new one if all are in use)."""
         return self.events.pop() if self.events else self.driver.new_event()
+
+    def _shared_ready(self, uses: int) -> SharedReady | None:
+        return SharedReady(self, uses) if self.cuda and uses else None
+
+    # --- the exchange: OpTransport's, with fewer host calls ---
+    def _dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
+        """OpTransport's, with each message an address and a row count instead of a tensor of its own,
+        and one event for all the sends: a front makes these for every expert of every micro-batch,
+        and a tensor slice or an event record costs its host microseconds each."""
+        comm, n_experts = self.comms[layer], len(offsets) - 1
+        x_ND = x_ND.contiguous()
+        y_ND = torch.empty(x_ND.shape, dtype=x_ND.dtype, device=x_ND.device)
+        counts = [offsets[e + 1] - offsets[e] for e in range(n_experts)]
+        shared = self._shared_ready(sum(map(bool, counts))) if ready is None else None
+        ops, recvs = [], []
+        for e, n in enumerate(counts):
+            lo, dest, rank = offsets[e], self.n_fronts + e, self.n_fronts + layer * n_experts + e
+            recvs.append(self._start(IpcRecv(self, comm, dest, step, y_ND, None,
+                                             Described(REPLY_FROM, rank, e, layer, step), at=lo, n=n)))
+            ops.append(self._start(IpcSend(self, comm, dest, step, x_ND, Described(SEND_TO, rank, e, layer, step),
+                                           ready, lo=lo, n=n, shared=shared)))
+        return OpExchange(self, ops + recvs, recvs, y_ND)
+
+    def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
+        """OpTransport's, with one event for all the sends."""
+        comm = self.comms[layer]
+        ys = [y.contiguous() for y in ys]
+        shared = self._shared_ready(sum(y.shape[0] > 0 for y in ys))
+        return OpSends(self, [self._start(IpcSend(self, comm, front, step, y, Described(REPLY_TO, front, step),
+                                                  shared=shared))
+                              for front, y in zip(senders, ys)])
 
     # --- set-up ---
     def _build(self, world) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 
@@ -16,6 +17,11 @@ import torch
 from mpi4py import MPI
 
 log = logging.getLogger("moe_mpi")
+# what each message is, for reports (Described)
+SEND_TO = "send to rank {} (expert {} of MoE layer {}), micro-batch step {}"
+REPLY_FROM = "reply from rank {} (expert {} of MoE layer {}), micro-batch step {}"
+FROM_FRONT = "rank {0} (front {0}), micro-batch step {1}"
+REPLY_TO = "reply to front {} (step {})"
 
 
 def join_rows(rows: list[torch.Tensor], hidden: int, dtype: torch.dtype,
@@ -25,6 +31,20 @@ def join_rows(rows: list[torch.Tensor], hidden: int, dtype: torch.dtype,
     return x, [r.shape[0] for r in rows]
 
 
+class Described:
+    """A message's description for reports, formatted only if one is made: a front would otherwise
+    format two for each expert of every micro-batch, microseconds of its host each time."""
+    __slots__ = ("text", "args")
+
+    def __init__(self, text: str, *args):
+        self.text, self.args = text, args
+
+    def __str__(self) -> str:
+        return self.text.format(*self.args)
+
+    __repr__ = __str__
+
+
 class Op:
     """One message in flight.  ``progress()`` moves it on without blocking and returns True once the
     message is sent, or received and its device copy enqueued; ``what`` names the peer for reports.
@@ -32,7 +52,7 @@ class Op:
     ``progress()`` only tests, so a pass stops at the first of them not done yet.  (Where the order
     they reach the network differs, as when a front dispatches micro-batches out of step order, one
     that is done waits to be taken up until the one made before it is.)"""
-    what: str = ""
+    what: "str | Described" = ""
     done: bool = False
     order: tuple | None = None
 
@@ -67,7 +87,7 @@ class OpExchange:
         return self.y_ND
 
     def pending(self) -> list[str]:
-        return [op.what for op in self.ops if not op.done]
+        return [str(op.what) for op in self.ops if not op.done]
 
 
 class OpReceive:
@@ -102,7 +122,7 @@ class OpReceive:
         return join_rows(self.rows(), tr.hidden, tr.dtype, tr.device)
 
     def pending(self) -> list[str]:
-        return [op.what for op in self.ops if not op.done]
+        return [str(op.what) for op in self.ops if not op.done]
 
 
 class OpSends:
@@ -114,7 +134,7 @@ class OpSends:
         return all(op.done for op in self.ops)
 
     def pending(self) -> list[str]:
-        return [op.what for op in self.ops if not op.done]
+        return [str(op.what) for op in self.ops if not op.done]
 
 
 class OpTransport:
@@ -130,7 +150,7 @@ class OpTransport:
     per turn of its loop, while a profile showed its GPU waiting for the host's next launch)."""
 
     name = "ops"
-    PASS_INTERVAL = 50e-6
+    PASS_INTERVAL = float(os.environ.get("MOE_MPI_PASS_INTERVAL_US", "50")) * 1e-6
     rec = None      # a Recorder: the loops' passes become 'progress' spans in the trace
 
     def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device):
@@ -227,13 +247,11 @@ class OpTransport:
         ops, recvs = [], []
         for e, ch in enumerate(channels):
             lo, hi = offsets[e], offsets[e + 1]
-            dest = self.n_fronts + e
-            peer = (f"rank {self.n_fronts + layer * n_experts + e} (expert {e} of MoE layer {layer}), "
-                    f"micro-batch step {step}")
-            recvs.append(self._start(ch.recv(comm, dest, step, out=y_ND[lo:hi], what="reply from " + peer,
-                                             fresh=fresh)))
-            ops.append(self._start(ch.send(comm, dest, step, x_ND[lo:hi], sized=True, what="send to " + peer,
-                                           ready=ready)))
+            dest, rank = self.n_fronts + e, self.n_fronts + layer * n_experts + e
+            recvs.append(self._start(ch.recv(comm, dest, step, out=y_ND[lo:hi], fresh=fresh,
+                                             what=Described(REPLY_FROM, rank, e, layer, step))))
+            ops.append(self._start(ch.send(comm, dest, step, x_ND[lo:hi], sized=True, ready=ready,
+                                           what=Described(SEND_TO, rank, e, layer, step))))
         return OpExchange(self, ops + recvs, recvs, y_ND, fresh)
 
     # --- expert side ---
@@ -244,7 +262,7 @@ class OpTransport:
     def _expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
         comm = self.comms[layer]
         ops = [self._start(self.channel(comm, front).recv(
-                   comm, front, step, cap=cap, what=f"rank {front} (front {front}), micro-batch step {step}"))
+                   comm, front, step, cap=cap, what=Described(FROM_FRONT, front, step)))
                for front, cap in zip(senders, capacities)]
         return OpReceive(self, ops, senders)
 
@@ -255,6 +273,6 @@ class OpTransport:
     def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
         comm = self.comms[layer]
         ops = [self._start(self.channel(comm, front).send(
-                   comm, front, step, y.contiguous(), sized=False, what=f"reply to front {front} (step {step})"))
+                   comm, front, step, y.contiguous(), sized=False, what=Described(REPLY_TO, front, step)))
                for front, y in zip(senders, ys)]
         return OpSends(self, ops)
