@@ -237,3 +237,42 @@ def test_transport_pass_stops_each_ordered_queue_at_its_first_live_message():
     tr._pass()
     assert [op.done for op in a] == [True, True, True] and [op.tests for op in a] == [2, 1, 1]
     assert tr.live == [free[0], b[1]]
+
+
+def test_pass_interval_setting_is_read_and_checked(monkeypatch):
+    """MOE_MPI_PASS_INTERVAL_US: unset, a test within 50 us of the last pass reuses it; a number of
+    microseconds (0 included) sets that per transport; anything else names the variable."""
+    import torch
+
+    from moe_mpi.parallel.ops import OpTransport
+
+    def made() -> OpTransport:
+        return OpTransport({}, 1, 4, torch.float32, torch.device("cpu"))
+
+    monkeypatch.delenv("MOE_MPI_PASS_INTERVAL_US", raising=False)
+    assert made().PASS_INTERVAL == pytest.approx(50e-6)
+    for raw, seconds in (("0", 0.0), (" 15 ", 15e-6), ("2.5", 2.5e-6)):
+        monkeypatch.setenv("MOE_MPI_PASS_INTERVAL_US", raw)
+        assert made().PASS_INTERVAL == pytest.approx(seconds)
+    for bad in ("fast", "-1", "nan"):
+        monkeypatch.setenv("MOE_MPI_PASS_INTERVAL_US", bad)
+        with pytest.raises(ValueError, match="MOE_MPI_PASS_INTERVAL_US"):
+            made()
+
+
+def test_message_descriptions_are_formatted_when_read():
+    """What a pending message reports (the watchdog's words) is the same text whether it was formatted
+    when the message was made or, as now, when a report asks."""
+    from moe_mpi.parallel.ops import REPLY_FROM, SEND_TO, Described, OpSends
+
+    class Pending:
+        done = False
+
+        def __init__(self, what):
+            self.what = what
+
+    ops = [Pending(Described(SEND_TO, 7, 1, 1, 12)), Pending(Described(REPLY_FROM, 4, 2, 0, 3)), Pending("plain")]
+    assert OpSends(None, ops).pending() == [
+        "send to rank 7 (expert 1 of MoE layer 1), micro-batch step 12",
+        "reply from rank 4 (expert 2 of MoE layer 0), micro-batch step 3", "plain"]
+    assert f"{ops[0].what}: 3 rows" == "send to rank 7 (expert 1 of MoE layer 1), micro-batch step 12: 3 rows"

@@ -31,6 +31,21 @@ def join_rows(rows: list[torch.Tensor], hidden: int, dtype: torch.dtype,
     return x, [r.shape[0] for r in rows]
 
 
+def pass_interval(default: float) -> float:
+    """Seconds a test reuses the last pass over the live messages: MOE_MPI_PASS_INTERVAL_US
+    (microseconds, at least 0), else ``default``."""
+    raw = os.environ.get("MOE_MPI_PASS_INTERVAL_US", "").strip()
+    if not raw:
+        return default
+    try:
+        us = float(raw)
+    except ValueError:
+        raise ValueError(f"MOE_MPI_PASS_INTERVAL_US must be a number of microseconds, got {raw!r}") from None
+    if not us >= 0:
+        raise ValueError(f"MOE_MPI_PASS_INTERVAL_US must be at least 0, got {raw!r}")
+    return us * 1e-6
+
+
 class Described:
     """A message's description for reports, formatted only if one is made: a front would otherwise
     format two for each expert of every micro-batch, microseconds of its host each time."""
@@ -150,7 +165,7 @@ class OpTransport:
     per turn of its loop, while a profile showed its GPU waiting for the host's next launch)."""
 
     name = "ops"
-    PASS_INTERVAL = float(os.environ.get("MOE_MPI_PASS_INTERVAL_US", "50")) * 1e-6
+    PASS_INTERVAL = 50e-6      # seconds; MOE_MPI_PASS_INTERVAL_US sets it per transport (pass_interval)
     rec = None      # a Recorder: the loops' passes become 'progress' spans in the trace
 
     def __init__(self, layer_comms: dict, n_fronts: int, hidden: int, dtype: torch.dtype, device: torch.device):
@@ -161,6 +176,7 @@ class OpTransport:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._passed = -1.0            # perf_counter() at the end of the last pass
+        self.PASS_INTERVAL = pass_interval(self.PASS_INTERVAL)
 
     def channel(self, comm, peer: int):
         raise NotImplementedError
