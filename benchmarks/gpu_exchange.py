@@ -174,6 +174,9 @@ def main() -> int:
     p.add_argument("--micro-batches", type=int, default=16)
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warm-up", type=int, default=None, metavar="N",
+                   help="micro-batches run untimed before each transport's and baseline's timings (default: as many "
+                        "as --micro-batches; 2 before 2026-11-27, when whichever ran first at a size ran cold)")
     p.add_argument("--transports", default="auto")
     p.add_argument("--shuffle", action="store_true", help="dispatch micro-batches out of step order")
     p.add_argument("--tag", default="", help="results named gpu_exchange_<tag>_<card> (a run under other settings)")
@@ -207,6 +210,7 @@ def main() -> int:
         names = (["mpi"] if device.type == "cpu" or mpi_cuda_aware() else []) + ["mpi-staged", "nccl", "ipc"]
     else:
         names = args.transports.split(",")
+    warm = min(args.micro_batches, args.warm_up if args.warm_up is not None else args.micro_batches)
     max_rows = max(max(rows_for(int(t), args.top_k, layout.n_experts)) for t in args.tokens.split(","))
     transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device, max_rows, args.in_flight + 1)
                   for n in names}
@@ -228,7 +232,8 @@ def main() -> int:
         if role.kind == "front":
             xs = {s: micro_batch(role.front, s, sum(rows), args.hidden, dtype, device) for s in order}
         for name, tr in transports.items():
-            time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, [0, 1], xs)  # warm-up
+            time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device,
+                           order if warm == len(order) else list(range(warm)), xs)     # warm-up
             best, bad, host = float("inf"), 0, None
             prof = cProfile.Profile() if args.profile else None
             for _ in range(args.repeats):
@@ -248,7 +253,7 @@ def main() -> int:
                             "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad,
                             "host_in_transport": host})
         if groups is not None:
-            time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, 2)  # warm-up
+            time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, warm)  # warm-up
             best, bad = float("inf"), 0
             for _ in range(args.repeats):
                 t, b = time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs)

@@ -61,7 +61,8 @@ def time_all_to_all(layout, role, args, tokens, hidden, dtype, device, fused: bo
 
     step = step_fused if fused else step_plain
     n = args.micro_batches + (1 if fused else 0)   # fused: one more call drains the last combine
-    for _ in range(2):
+    warm = getattr(args, "warm_up", None)
+    for _ in range(min(n, warm if warm is not None else n)):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -42,6 +42,8 @@ def report(data: dict) -> str:
     results, overhead, settings = data["results"], data.get("post_overhead_us", {}), data.get("settings", {})
     n_moe, n_fronts, n_experts = layout["n_moe_layers"], layout["n_fronts"], layout["n_experts"]
     world = n_fronts + n_moe * n_experts
+    # runs since --warm-up (2026-11-27): that many micro-batches untimed first, round trips checked after the timing
+    warm_up = min(args["micro_batches"], args["warm_up"] or args["micro_batches"]) if "warm_up" in args else None
     cols = [("transport", "transport", ""), ("tokens", "tokens / micro-batch / front", "d"),
             ("message_mb", "MB per message", ".1f"), ("seconds", "time (s)", ".4f"),
             ("gbps", "GB/s (all GPUs)", ".1f"), ("gbps_per_gpu", "GB/s per GPU", ".1f"),
@@ -51,7 +53,8 @@ def report(data: dict) -> str:
     md = [f"# Exchange: dispatch + combine between {world} ranks ({env['card']})", "",
           f"{n_fronts} fronts + {n_moe} MoE layer(s) x {n_experts} experts, one rank per "
           f"{'GPU' if args['device'] == 'cuda' else 'CPU process'}; hidden {args['hidden']} bf16, top-{args['top_k']}; "
-          f"{args['micro_batches']} micro-batches per front, {args['in_flight']} in flight, best of {args['repeats']}. "
+          f"{args['micro_batches']} micro-batches per front, {args['in_flight']} in flight, best of {args['repeats']}"
+          + (f", each transport and baseline warmed up with {warm_up} micro-batches untimed. " if warm_up else ". ") +
           "Bytes counted: every row's dispatch and combine. `a2a`: one all_to_all_single for the dispatch and "
           "one for the combine per micro-batch; `a2a fused`: one call carrying a dispatch and the previous "
           "combine. `" + PAIRS + "`: the same micro-batches over the transport's own 2-rank NCCL groups, "
@@ -62,8 +65,10 @@ def report(data: dict) -> str:
           "through CUDA IPC (by a copy engine, or from `MOE_MPI_IPC_SM_COPY_MB`, 32 MB by default, by a Triton "
           "kernel), its arrival and the slot's return written by the GPUs' streams into mailboxes in shared "
           "host memory (no MPI call per message; the protocol since 66820d9). "
-          "'wrong' counts micro-batches whose round trip did not return the bytes sent (added up on "
-          "the device, read at the end). 'busiest host in transport calls': the largest fraction of the "
+          "'wrong' counts micro-batches whose round trip did not return the bytes sent ("
+          + ("every element compared once each repeat's timing has stopped" if warm_up else
+             "added up on the device, read at the end") + "). "
+          "'busiest host in transport calls': the largest fraction of the "
           "time that one rank's host spent inside the transport's calls (posting, testing, taking "
           "results), for the best repeat; near 1, that rank's host sets the pace.", "",
           md_table(results, cols), "", *([verdict(results), ""] if verdict(results) else []),
