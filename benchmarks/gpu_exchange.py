@@ -182,7 +182,7 @@ def main() -> int:
     p.add_argument("--tag", default="", help="results named gpu_exchange_<tag>_<card> (a run under other settings)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--profile", metavar="DIR", help="run the timed repeats under cProfile and write each rank's "
-                   "profile (by own time) to DIR/profile_<transport>_<tokens>_rank<r>.txt")
+                   "profile (by own and by cumulative time) to DIR/profile_<transport>_<tokens>_rank<r>.txt")
     p.add_argument("--report", metavar="JSON", help="only rebuild the markdown of a results file (next to it)")
     args = p.parse_args()
     if args.report:
