@@ -210,7 +210,7 @@ def main() -> int:
         names = (["mpi"] if device.type == "cpu" or mpi_cuda_aware() else []) + ["mpi-staged", "nccl", "ipc"]
     else:
         names = args.transports.split(",")
-    warm = min(args.micro_batches, args.warm_up if args.warm_up is not None else args.micro_batches)
+    args.warm_up = min(args.micro_batches, args.micro_batches if args.warm_up is None else args.warm_up)
     max_rows = max(max(rows_for(int(t), args.top_k, layout.n_experts)) for t in args.tokens.split(","))
     transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device, max_rows, args.in_flight + 1)
                   for n in names}
@@ -233,7 +233,7 @@ def main() -> int:
             xs = {s: micro_batch(role.front, s, sum(rows), args.hidden, dtype, device) for s in order}
         for name, tr in transports.items():
             time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device,
-                           order if warm == len(order) else list(range(warm)), xs)     # warm-up
+                           order if args.warm_up == len(order) else list(range(args.warm_up)), xs)  # warm-up
             best, bad, host = float("inf"), 0, None
             prof = cProfile.Profile() if args.profile else None
             for _ in range(args.repeats):
@@ -253,7 +253,7 @@ def main() -> int:
                             "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad,
                             "host_in_transport": host})
         if groups is not None:
-            time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, warm)  # warm-up
+            time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, args.warm_up)  # warm-up
             best, bad = float("inf"), 0
             for _ in range(args.repeats):
                 t, b = time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs)

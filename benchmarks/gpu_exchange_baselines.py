@@ -61,8 +61,7 @@ def time_all_to_all(layout, role, args, tokens, hidden, dtype, device, fused: bo
 
     step = step_fused if fused else step_plain
     n = args.micro_batches + (1 if fused else 0)   # fused: one more call drains the last combine
-    warm = getattr(args, "warm_up", None)
-    for _ in range(min(n, warm if warm is not None else n)):
+    for _ in range(min(n, args.warm_up)):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -103,7 +102,7 @@ def time_pairs(groups, comms, layout, role, args, tokens, hidden, dtype, device,
     rows = rows_for(tokens, args.top_k, layout.n_experts)
     offsets = np.concatenate([[0], np.cumsum(rows)]).tolist()
     F, E, me = layout.n_fronts, layout.n_experts, comms.world.Get_rank()
-    steps = range(n_steps or args.micro_batches)
+    steps = range(args.micro_batches if n_steps is None else n_steps)
     comms.world.Barrier()
     t0 = time.perf_counter()
     bad = 0

@@ -31,7 +31,6 @@ from moe_mpi.parallel.nccl import init_process_group  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
 
 STAMPS: list = []
-ORIGINAL: dict = {}     # (class, method name) -> the method before instrument()
 COPIES: list = []       # (peer, slot, start event, end event)
 
 
@@ -42,9 +41,6 @@ def now() -> float:
 def instrument() -> None:
     """Wrap the IPC operations so each stamps its stages ('landed': the receiver finds its mailbox says
     the copy is done; files from before the mailboxes also have 'control', the control word seen)."""
-    for cls, name in ((ipc.IpcSend, "__init__"), (ipc.IpcSend, "progress"), (ipc.IpcRecv, "__init__"),
-                      (ipc.IpcRecv, "progress"), (ipc.IpcRecv, "_take"), (ipc.SendRing, "fill")):
-        ORIGINAL[(cls, name)] = getattr(cls, name)
     send_init, send_progress = ipc.IpcSend.__init__, ipc.IpcSend.progress
     recv_init, recv_progress, recv_take = ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv._take
     # (wait and wait_into both take through _take)
@@ -109,7 +105,6 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="/tmp")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--profile", action="store_true", help="cProfile one more repeat on every rank, stamps off")
     p.add_argument("--report", metavar="DIR", help="only summarise the exchange_trace_rank*.json in DIR")
     args = p.parse_args()
     if args.report:
@@ -140,37 +135,18 @@ def main() -> int:
         t, bad, host = time_transport(tr, comms, layout, role, args, args.tokens, args.hidden, torch.bfloat16,
                                       device, order, xs)
         runs.append({"t0": t0, "seconds": t, "bad": bad, "host": host})
-    profile = None
-    if args.profile:
-        import cProfile
-        import io
-        import pstats
-        for (cls, name), method in ORIGINAL.items():
-            setattr(cls, name, method)
-        pr = cProfile.Profile()
-        pr.enable()
-        t, bad, host = time_transport(tr, comms, layout, role, args, args.tokens, args.hidden, torch.bfloat16,
-                                      device, order, xs)
-        pr.disable()
-        text = io.StringIO()
-        pstats.Stats(pr, stream=text).sort_stats("tottime").print_stats(30)
-        profile = {"seconds": t, "stats": text.getvalue()}
     # the last stamped repeat's stamps; copy times on this rank's GPU (events synchronised by time_transport)
     ref = COPIES[0][3] if COPIES else None
     copies = [{"peer": peer, "slot": slot, "queued": q, "start_ms": ref.elapsed_time(a) if ref else 0.0,
                "ms": a.elapsed_time(b)} for peer, slot, q, a, b in COPIES]
     me = world.Get_rank()
-    data = {"args": {k: v for k, v in vars(args).items() if k != "report"}, "rank": me, "role": role.kind, "runs": runs, "stamps": STAMPS, "copies": copies, "profile": profile,
+    data = {"args": {k: v for k, v in vars(args).items() if k != "report"}, "rank": me, "role": role.kind, "runs": runs, "stamps": STAMPS, "copies": copies,
             "copy_ref_queued": COPIES[0][2] if COPIES else None}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"exchange_trace_rank{me}.json").write_text(json.dumps(data))
     everyone = world.gather(data, root=0)
     if me == 0:
         print(summary(everyone, args))
-        for d in everyone:
-            if d["profile"]:
-                print(f"=== rank {d['rank']} ({d['role']}) under cProfile: {d['profile']['seconds'] * 1e3:.2f} ms")
-                print(d["profile"]["stats"][:5000])
     comms.free()
     return 0
 

@@ -264,7 +264,7 @@ class IpcRecv(Op):
     def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, out: torch.Tensor | None,
                  cap: int | None, what, at: int = 0, n: int | None = None):
         self.tr, self.step, self.what, self.out, self.cap, self.at = tr, step, what, out, cap, at
-        self.expected = None if out is None else out.shape[0] - at if n is None else n
+        self.expected = None if out is None else (out.shape[0] - at if n is None else n)
         self.ring = tr.recv_rings[(id(comm), peer)]
         self.taken, self.n, self.slot = False, 0, -1
         if out is not None and not out.is_contiguous():
@@ -308,7 +308,7 @@ class IpcRecv(Op):
 
     @property
     def rows(self) -> torch.Tensor:
-        return self.out[self.at:self.at + self.n] if self.at or self.n != self.out.shape[0] else self.out
+        return self.out.narrow(0, self.at, self.n)
 
 
 class IpcChannel:
