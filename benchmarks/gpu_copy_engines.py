@@ -1,9 +1,10 @@
 """How fast GPU-to-GPU copies move in the patterns the IPC transport makes: one copy alone, one copy
 split over several streams, one GPU sending to two or receiving from two, and the exchange benchmark's
 pattern (2 fronts <-> 2 experts, every pair both ways at once) and patterns between; by the copy
-engines (``cuMemcpyAsync`` between peer addresses, as the transport copies) and by the Triton kernel
+engines (``cuMemcpyAsync`` between peer addresses, as the transport copies) and by the copy kernel
 of ``moe_mpi.parallel.peer_copy`` on the sending GPU, which writes the peer's memory over NVLink, with a
-given number of programs (SMs).  One process, 4 GPUs, peer access on.
+given number of programs (SMs).  One process, 4 GPUs (on 2, the patterns between GPUs 0 and 1
+only), peer access on.
 
     python benchmarks/gpu_copy_engines.py [--mb 58.7] [--repeats 20] [--ctas 16,32]
 
@@ -25,18 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import RESULTS, card_slug, environment, write_results  # noqa: E402
 from moe_mpi.parallel.cuda_driver import Driver  # noqa: E402
-from moe_mpi.parallel.peer_copy import copy_words, triton, words_at  # noqa: E402
+from moe_mpi.parallel.peer_copy import SmCopy  # noqa: E402
 
 HIDDEN = 7168
 GATE_CYCLES = 200_000_000      # about 0.1 s at 2 GHz: time for the host to queue every copy
 
 
-def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: dict, ctas: int | None,
+def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: dict, kernels: dict | None,
           driver: Driver) -> tuple[float, float]:
     """Seconds for ``repeats`` rounds of every (src GPU, dst GPU, bytes) copy at once, each split into
     ``chunks`` streams of the sending GPU, on the GPUs: every copy stream waits behind a gate (a sleep
     kernel long enough for the host to queue every copy), so launch costs do not count; and the host's
-    seconds to queue them.  ``ctas``: programs of the Triton copy, None for the copy engines."""
+    seconds to queue them.  ``kernels``: each GPU's copy kernel (SmCopy), None for the copy engines."""
     streams = {(i, c): torch.cuda.Stream(src) for i, (src, _, _) in enumerate(copies) for c in range(chunks)}
     senders = sorted({src for src, _, _ in copies})
     for d in range(torch.cuda.device_count()):
@@ -56,13 +57,11 @@ def timed(copies: list[tuple[int, int, int]], chunks: int, repeats: int, bufs: d
             step = nbytes // chunks
             for c in range(chunks):
                 s = streams[(i, c)]
-                if ctas:
-                    words = slice(c * step // 8, (c + 1) * step // 8)
-                    with torch.cuda.stream(s):
-                        copy_words(b["peer"][words], a["words"][words], ctas)
+                to, frm = b["flat"].data_ptr() + c * step, a["flat"].data_ptr() + c * step
+                if kernels:
+                    kernels[src].copy(to, frm, step, s.cuda_stream)
                 else:
-                    driver.copy_async(b["flat"].data_ptr() + c * step, a["flat"].data_ptr() + c * step, step,
-                                      s.cuda_stream)
+                    driver.copy_async(to, frm, step, s.cuda_stream)
     queued = time.perf_counter() - t0
     ends = []
     for (i, _), s in streams.items():
@@ -78,12 +77,12 @@ def main() -> int:
     p.add_argument("--mb", default="7.3,14.7,29.4,58.7",
                    help="message sizes in MB (512, 1024, 2048 and 4096 tokens of hidden 7168 bf16)")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--ctas", default="16,32,66,132", help="programs of the Triton copy (SMs it may hold)")
+    p.add_argument("--ctas", default="16,32,66,132", help="programs of the copy kernel (SMs it may hold)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     n = torch.cuda.device_count()
-    if n < 4:
-        print(f"needs 4 GPUs, have {n}")
+    if n < 2:
+        print(f"needs 2 GPUs (4 for every pattern), have {n}")
         return 1
     driver = Driver()
     biggest = max(float(m) for m in args.mb.split(","))
@@ -95,13 +94,9 @@ def main() -> int:
             if d != s:   # where s's copies to d land, on d
                 bufs[(d, s)] = {"flat": torch.empty(rows, HIDDEN, dtype=torch.bfloat16, device=f"cuda:{d}")}
     for s in range(n):
-        bufs[s]["words"] = bufs[s]["flat"].view(-1).view(torch.int64)
         for d in range(n):
-            if d != s:
-                landing = bufs[(d, s)]["flat"]
-                landing[:1].copy_(bufs[s]["flat"][:1])      # peer access on (torch's first copy turns it on)
-                # s's copies to d as a tensor of s, for its kernels to write
-                bufs[(d, s)]["peer"] = words_at(landing.data_ptr(), landing.nbytes, torch.device("cuda", s))
+            if d != s:      # peer access on (torch's first copy turns it on)
+                bufs[(d, s)]["flat"][:1].copy_(bufs[s]["flat"][:1])
     exchange = [(0, 2), (0, 3), (1, 2), (1, 3), (2, 0), (3, 0), (2, 1), (3, 1)]
     patterns = [("one copy 0->1", [(0, 1)], 1), ("one copy 0->1 in 2 streams", [(0, 1)], 2),
                 ("one copy 0->1 in 4 streams", [(0, 1)], 4), ("0->1 and 1->0", [(0, 1), (1, 0)], 1),
@@ -111,18 +106,24 @@ def main() -> int:
                 ("0 sends to 2 and 3, which send to 0", [(0, 2), (0, 3), (2, 0), (3, 0)], 1),
                 ("exchange: 2 fronts <-> 2 experts", exchange, 1),
                 ("exchange, each copy in 2 streams", exchange, 2)]
+    kernels = {}        # programs -> each GPU's kernel, loaded in that GPU's context
+    for c in {int(c) for c in args.ctas.split(",")}:
+        kernels[c] = {}
+        for s in range(n):
+            with torch.cuda.device(s):
+                kernels[c][s] = SmCopy(driver, c)
+    patterns = [p for p in patterns if max(max(pair) for pair in p[1]) < n]     # those this machine has GPUs for
     results = []
     for mb in (float(m) for m in args.mb.split(",")):
         nbytes = int(mb * 1e6) // (2 * HIDDEN * 4) * (2 * HIDDEN * 4)     # whole rows in every chunk
-        engines = [("copy engines", None)]
-        engines += [(f"triton {c} CTAs", int(c)) for c in args.ctas.split(",")] if triton is not None else []
-        for engine, ctas in engines:
+        engines = [("copy engines", None)] + [(f"kernel {c} CTAs", kernels[int(c)]) for c in args.ctas.split(",")]
+        for engine, kernel in engines:
             for name, pairs, chunks in patterns:
-                if ctas and chunks > 1:
+                if kernel and chunks > 1:
                     continue
                 copies = [(s, d, nbytes) for s, d in pairs]
-                timed(copies, chunks, 2, bufs, ctas, driver)        # warm-up
-                sec, queued = min(timed(copies, chunks, args.repeats, bufs, ctas, driver) for _ in range(3))
+                timed(copies, chunks, 2, bufs, kernel, driver)        # warm-up
+                sec, queued = min(timed(copies, chunks, args.repeats, bufs, kernel, driver) for _ in range(3))
                 if queued > GATE_CYCLES / 2.5e9:
                     print(f"  (queueing took {queued * 1e3:.0f} ms, longer than the gate: host-bound)")
                 busiest = max(sum(s == t for s, _ in pairs) for t, _ in pairs)

@@ -281,7 +281,7 @@ def main() -> int:
     overhead = post_overhead(transports["nccl"], groups, comms, layout, args.hidden, dtype, device) if "nccl" in transports else {}
     if rank0:
         env = environment(device)
-        settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_FR_"))}
+        settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "MOE_MPI_"))}
         slug = card_slug(device)
         data = {"args": vars(args), "environment": env, "settings": settings, "layout": vars(layout),
                 "results": results, "post_overhead_us": overhead}

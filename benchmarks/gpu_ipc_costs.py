@@ -16,6 +16,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_mpi.parallel.cuda_driver import Driver  # noqa: E402
+from moe_mpi.parallel.peer_copy import SmCopy  # noqa: E402
 
 
 def per_call_us(fn, n: int = 200) -> float:
@@ -62,6 +63,11 @@ def main() -> int:
     out["cuMemcpyAsync 7.3 MB within GPU"] = per_call_us(lambda: drv.copy_async(y.data_ptr(), x.data_ptr(), nbytes, s), 50)
     torch.cuda.synchronize()
     out["cuMemcpyAsync 7.3 MB to peer's ring"] = per_call_us(lambda: drv.copy_async(remote, x.data_ptr(), nbytes, s), 50)
+    torch.cuda.synchronize()
+    kernel = SmCopy(drv)
+    out["SM copy kernel 7.3 MB within GPU"] = per_call_us(lambda: kernel.copy(y.data_ptr(), x.data_ptr(), nbytes, s.cuda_stream), 50)
+    torch.cuda.synchronize()
+    out["SM copy kernel 7.3 MB to peer's ring"] = per_call_us(lambda: kernel.copy(remote, x.data_ptr(), nbytes, s.cuda_stream), 50)
     torch.cuda.synchronize()
     out["Tensor.copy_ 7.3 MB"] = per_call_us(lambda: y.copy_(x), 50)
     out["Tensor.clone 7.3 MB"] = per_call_us(lambda: x.clone(), 50)

@@ -254,9 +254,8 @@ def test_one_process_on_gpu_matches_cpu(tmp_path, reference):
 def test_distributed_on_gpus_matches_cpu_fp32(tmp_path, reference, transport, monkeypatch):
     """9 ranks over the visible GPUs (sharing them: the NCCL transport sends pairs on one GPU through
     pinned staging), bf16, against the 1-rank CPU fp32 run; "ipc, SM copies" copies every IPC message
-    by the Triton kernel instead of the copy engines."""
+    by the SM kernel instead of the copy engines."""
     if transport == "ipc, SM copies":
-        pytest.importorskip("triton")
         monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0")
         transport = "ipc"
     path, ref, margins = reference
@@ -283,8 +282,6 @@ def test_mpi_transport_needs_a_cuda_aware_mpi(tmp_path, reference):
 def test_exchange_benchmark_round_trips_on_gpus(tmp_path, monkeypatch, sm_copies):
     if torch.cuda.device_count() < 4:
         pytest.skip("needs 4 GPUs: NCCL takes one GPU per rank")
-    if sm_copies:
-        pytest.importorskip("triton")
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0" if sm_copies else "off")
     cmd = mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--small", "--out", tmp_path,
                      *(["--transports", "ipc"] if sm_copies else []))
@@ -292,7 +289,6 @@ def test_exchange_benchmark_round_trips_on_gpus(tmp_path, monkeypatch, sm_copies
                           capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "round trips all correct" in proc.stdout
-
 
 
 @needs_cuda
@@ -399,16 +395,17 @@ def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
 
 
 def test_sm_copy_setting_is_read_and_checked(monkeypatch):
-    """MOE_MPI_IPC_SM_COPY_MB: unset, IPC messages from 32 MB are copied by a kernel where Triton is
-    there (else all by the copy engines); a number of MB moves that size, 'off' turns kernels off;
-    anything else, or a size asked for without Triton, is an error that names the variable."""
+    """MOE_MPI_IPC_SM_COPY_MB: unset, IPC messages from 32 MB are copied by the kernel on GPUs it runs on
+    (compute capability 8.0 or later; else all by the copy engines); a number of MB moves that size,
+    'off' turns kernels off; anything else, or a size asked for on an older GPU, is an error that
+    names the variable."""
     from moe_mpi.parallel import peer_copy
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.delenv("MOE_MPI_IPC_SM_COPY_MB", raising=False)
-    monkeypatch.setattr(peer_copy, "triton", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert peer_copy.sm_copy_threshold(gpu) is None
-    monkeypatch.setattr(peer_copy, "triton", object())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert peer_copy.sm_copy_threshold(gpu) == 32_000_000
     assert peer_copy.sm_copy_threshold(cpu) is None          # CPU runs copy on the host
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "8.5")
@@ -416,11 +413,45 @@ def test_sm_copy_setting_is_read_and_checked(monkeypatch):
     assert peer_copy.sm_copy_threshold(cpu) is None
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "Off")
     assert peer_copy.sm_copy_threshold(gpu) is None
-    for bad in ("eight", "-1"):
+    for bad in ("eight", "-1", "nan"):
         monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", bad)
-        with pytest.raises(ValueError, match="MOE_MPI_IPC_SM_COPY_MB"):
-            peer_copy.sm_copy_threshold(gpu)
+        for device in (gpu, cpu):
+            with pytest.raises(ValueError, match="MOE_MPI_IPC_SM_COPY_MB"):
+                peer_copy.sm_copy_threshold(device)
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0")
-    monkeypatch.setattr(peer_copy, "triton", None)
-    with pytest.raises(ValueError, match="needs Triton"):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="compute capability 8.0 or later, and GPU 0 is 7.5"):
         peer_copy.sm_copy_threshold(gpu)
+
+
+@needs_cuda
+@pytest.mark.parametrize("peer", [False, True])
+def test_sm_copy_kernel_copies_every_byte_and_no_more(peer):
+    """The IPC transport's copy kernel (PTX launched through the driver) moves every byte of random
+    data, within a GPU or into a peer's memory, at sizes around its per-round span and a message's,
+    and touches nothing past the end (a poisoned tail stays poisoned); a copy of 0 bytes is nothing."""
+    from moe_mpi.parallel.cuda_driver import Driver
+    from moe_mpi.parallel.peer_copy import THREADS, UNROLL, SmCopy
+
+    if torch.cuda.get_device_capability(0) < (8, 0):
+        pytest.skip("the copy kernel targets compute capability 8.0")
+    if peer and (torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(0, 1)):
+        pytest.skip("needs 2 GPUs with peer access")
+    driver = Driver()
+    torch.cuda.set_device(0)
+    kernel = SmCopy(driver, ctas=3)
+    span = 16 * THREADS * UNROLL * 3              # bytes the grid moves a round
+    dst_device = torch.device("cuda", 1 if peer else 0)
+    stream = torch.cuda.current_stream(0)
+    for nbytes in (16, 4096, span - 16, span, span + 16, 3 * span + 48, 7 * 14336):
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda:0")
+        dst = torch.full((nbytes + 4096,), 0xA5, dtype=torch.uint8, device=dst_device)
+        if peer:
+            dst[:1].copy_(src[:1])                # peer access on (torch's first copy turns it on)
+            torch.cuda.synchronize(dst_device)
+        kernel.copy(dst.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
+        torch.cuda.synchronize(0)
+        assert torch.equal(dst[:nbytes].cpu(), src.cpu()), nbytes
+        assert bool((dst[nbytes:] == 0xA5).all()), nbytes
+    kernel.copy(dst.data_ptr(), src.data_ptr(), 0, stream.cuda_stream)
+    assert SmCopy.fits(4096, 8192, 14336) and not SmCopy.fits(4096, 8200, 14336) and not SmCopy.fits(0, 0, 8)

@@ -1,6 +1,6 @@
 """The CUDA driver calls the IPC transport makes that torch has no Python API for, by ctypes (libcuda
-is always there with a GPU): mapping peers' memory (CUDA IPC), events and streams by raw handle, and
-host memory that streams write (the mailboxes)."""
+is always there with a GPU): mapping peers' memory (CUDA IPC), events and streams by raw handle, host
+memory that streams write (the mailboxes), and its copy kernel (PTX loaded and launched by hand)."""
 from __future__ import annotations
 
 import ctypes
@@ -46,6 +46,13 @@ class Driver:
         self._unregister.argtypes = [ctypes.c_void_p]
         self._device_ptr = getattr(lib, "cuMemHostGetDevicePointer_v2", None) or lib.cuMemHostGetDevicePointer
         self._device_ptr.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+        # a kernel of our own (peer_copy's PTX)
+        self._load = lib.cuModuleLoadData
+        self._load.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p]
+        self._function = lib.cuModuleGetFunction
+        self._function.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p]
+        self._launch = lib.cuLaunchKernel
+        self._launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
 
     def export(self, ptr: int) -> tuple[bytes, int]:
         """The IPC handle of the allocation holding ``ptr``, and ptr's offset in it."""
@@ -98,6 +105,17 @@ class Driver:
 
     def unregister_host(self, ptr: int) -> None:
         self._unregister(ptr)
+
+    def load_function(self, ptx: str, name: str) -> int:
+        """Kernel ``name`` of PTX source, compiled by the driver for the current context's GPU."""
+        module, function = ctypes.c_void_p(0), ctypes.c_void_p(0)
+        self.check(self._load(ctypes.byref(module), ptx.encode()), f"cuModuleLoadData (compiling {name})")
+        self.check(self._function(ctypes.byref(function), module, name.encode()), f"cuModuleGetFunction ({name})")
+        return function.value
+
+    def launch(self, function: int, blocks: int, threads: int, stream: int, params) -> None:
+        """A 1-D grid of ``function`` on ``stream``; ``params``: the array of pointers to its arguments."""
+        self.check(self._launch(function, blocks, 1, 1, threads, 1, 1, 0, stream, params, None), "cuLaunchKernel")
 
 
 def stream_writes_problem(device: torch.device) -> str | None:

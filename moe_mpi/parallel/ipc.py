@@ -8,8 +8,8 @@ carries nothing per message.
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
-  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (default 32 MB, where Triton is installed) are
-  written instead by a kernel on that stream (``peer_copy``): faster where every GPU sends and
+  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (default 32 MB) are written instead by a kernel on
+  that stream, and taken out of their slots by one (``peer_copy``): faster where every GPU sends and
   receives at once, at the price of SMs (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).
 * Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
@@ -48,7 +48,7 @@ from mpi4py import MPI
 from .cuda_driver import Driver, current_stream_handle, stream_writes_problem
 from .exchange import exchange_pairs
 from .ops import REPLY_FROM, REPLY_TO, SEND_TO, Described, Op, OpExchange, OpSends, OpTransport
-from .peer_copy import copy_words, sm_copy_threshold, words_at
+from .peer_copy import SmCopy, sm_copy_threshold
 
 log = logging.getLogger("moe_mpi")
 FILLED, FREED = range(2)       # a mailbox's words
@@ -162,12 +162,7 @@ class SendRing:
         if nbytes:
             if ready:
                 d.wait(self.handle, ready)
-            dst, src = self.remote + slot * tr.slot_bytes, x.data_ptr() + lo * tr.row_bytes
-            if tr.sm_copy_bytes is not None and nbytes >= tr.sm_copy_bytes and (dst | src | nbytes) % 8 == 0:
-                with torch.cuda.stream(self.stream):
-                    copy_words(words_at(dst, nbytes, tr.device), words_at(src, nbytes, tr.device))
-            else:
-                d.copy_async(dst, src, nbytes, self.handle)
+            tr.copy(self.remote + slot * tr.slot_bytes, x.data_ptr() + lo * tr.row_bytes, nbytes, self.handle)
             x.record_stream(self.stream)
         d.write_value(self.handle, self.filled[slot], word)
 
@@ -197,8 +192,7 @@ class RecvRing:
         if tr.cuda:
             stream = current_stream_handle(tr.device)
             if rows:    # by address: a slice of x and of the slot, and copy_, cost three times as much
-                tr.driver.copy_async(x.data_ptr() + at * tr.row_bytes, self.base + slot * tr.slot_bytes,
-                                     rows * tr.row_bytes, stream)
+                tr.copy(x.data_ptr() + at * tr.row_bytes, self.base + slot * tr.slot_bytes, rows * tr.row_bytes, stream)
         elif rows:
             x[at:at + rows].copy_(self.slot_tensors[slot][:rows])
         self.box[slot, FILLED] = 0
@@ -359,6 +353,14 @@ class IPCTransport(OpTransport):
     def channel(self, comm, peer: int) -> IpcChannel:
         return self.channel_
 
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """nbytes from src to dst (device addresses) on ``stream``: by the SM kernel from
+        ``sm_copy_bytes`` where the addresses suit it, else by the copy engines."""
+        if self.sm_copy is not None and nbytes >= self.sm_copy_bytes and SmCopy.fits(dst, src, nbytes):
+            self.sm_copy.copy(dst, src, nbytes, stream)
+        else:
+            self.driver.copy_async(dst, src, nbytes, stream)
+
     def event(self) -> int:
         """A raw event from the pool (a new one if all are in use)."""
         return self.events.pop() if self.events else self.driver.new_event()
@@ -429,12 +431,8 @@ class IPCTransport(OpTransport):
             self.recv_rings[(id(comm), peer)] = RecvRing(
                 self, self.ring[i], box.of(wr, self.me),
                 [box.address(wr, self.me, k, FREED) for k in range(self.slots)] if self.cuda else [])
-        if self.sm_copy_bytes is not None:
-            # compiled now, not inside a message's first send: Triton specialises on the word count's
-            # and the addresses' divisibility by 16, which a message's (rows x hidden) usually has
-            words = torch.zeros(32, dtype=torch.int64, device=self.device)
-            copy_words(words[16:], words[:16])
-            torch.cuda.synchronize(self.device)
+        # compiled by the driver now, not inside a message's first send
+        self.sm_copy = SmCopy(self.driver) if self.sm_copy_bytes is not None else None
         world.Barrier()
         log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of %s memory lent to them%s",
                  len(pairs), self.slots, self.max_rows, nbytes / 1e6, "GPU" if self.cuda else "shared",

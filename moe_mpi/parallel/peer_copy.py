@@ -1,77 +1,150 @@
-"""Copies into a peer GPU's memory by a kernel of this GPU's SMs (Triton), for the IPC transport's large
-messages.
+"""Copies by a kernel of this GPU's SMs for the IPC transport: a message's rows into a peer GPU's ring
+over NVLink, or out of a slot of this GPU's own ring.
 
 Where every GPU both sends to and receives from several peers at once (an exchange between fronts and
 experts), copies by the copy engines move about 200 GB/s per GPU on a 4xH200 node, where a kernel of 32
 programs writing the peer's memory over NVLink moves 280-330 GB/s
-(``benchmarks/results/gpu_copy_engines_nvidia-h200.md``; NCCL's fused all-to-all moves about 234 in
-the exchange benchmark).  A kernel costs the host more to launch than a copy (Triton's launcher), and
-it holds SMs while it runs (on a GPU that processes share without MPS, it takes its turn like any
-kernel), so the transport uses it only for messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (default
-32 MB).  In the exchange benchmark on 4 H200s, messages of 59 MB (4096 tokens) moved faster by kernels
-in all 7 same-machine comparisons (median 1.02x of the all-to-all, against 0.80x by the copy engines);
-messages of 29 MB (2048 tokens) were faster in the median but much slower in some runs (0.43-1.06x,
-against 0.80-0.90x), and messages of 15 MB slower (0.55-0.63x against 0.82-0.83x)
-(``benchmarks/results/gpu_exchange_smcopy_ab_nvidia-h200.md``).
+(``benchmarks/results/gpu_copy_engines_nvidia-h200.md``, measured with a Triton kernel of the same
+shape).  The kernel is a few lines of PTX that the driver compiles for the GPU when the transport loads
+it, launched with ``cuLaunchKernel`` through ctypes on raw addresses: about what a ``cuMemcpyAsync``
+costs the host.  (Its Triton predecessor needed a tensor over each raw address, a stream context and
+Triton's launcher, about 30 us a message, which made kernels slower than the copy engines below 32 MB:
+``benchmarks/results/gpu_exchange_smcopy_ab_nvidia-h200.md``.)  A kernel holds its SMs while it runs,
+so it takes its turn with the compute of a GPU it shares.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:      # no Triton: the copy engines carry every message
-    triton = None
+CTAS = 32               # programs of one copy (SMs it may hold)
+THREADS = 256           # threads of a program
+UNROLL = 4              # 16-byte vectors each thread has in flight
+MIN_CAPABILITY = (8, 0)     # the PTX's target
+DEFAULT_MB = 32         # from here up, kernels (see sm_copy_threshold)
+KERNEL = "moe_mpi_copy16"
 
-CTAS = 32           # programs of one copy, each looping over 16 KB blocks
-DEFAULT_MB = 32     # from here up, kernels: 4096 tokens of hidden 7168 bf16 is 59 MB, 2048 is 29 (see the docstring)
+# dst[i] = src[i] for the n 16-byte vectors i < n.  Thread t of the grid (s threads) moves vectors
+# t, t + s, t + 2s, t + 3s, then t + 4s... (four loads in flight before their stores), loads cached in
+# L2 only, stores marked streaming: each byte is touched once.
+PTX = r"""
+.version 7.0
+.target sm_80
+.address_size 64
+
+.visible .entry moe_mpi_copy16(
+    .param .u64 p_dst,
+    .param .u64 p_src,
+    .param .u64 p_n
+)
+{
+    .reg .pred %p<5>;
+    .reg .b32 %r<21>;
+    .reg .b64 %rd<21>;
+
+    ld.param.u64 %rd1, [p_dst];
+    ld.param.u64 %rd2, [p_src];
+    ld.param.u64 %rd3, [p_n];
+    cvta.to.global.u64 %rd1, %rd1;
+    cvta.to.global.u64 %rd2, %rd2;
+    mov.u32 %r1, %ctaid.x;
+    mov.u32 %r2, %ntid.x;
+    mov.u32 %r3, %tid.x;
+    mov.u32 %r4, %nctaid.x;
+    mul.wide.u32 %rd4, %r1, %r2;
+    cvt.u64.u32 %rd5, %r3;
+    add.u64 %rd4, %rd4, %rd5;           // i: this thread's first vector
+    mul.wide.u32 %rd6, %r4, %r2;        // s: threads in the grid
+    shl.b64 %rd7, %rd6, 4;              // s vectors in bytes
+    shl.b64 %rd20, %rd6, 2;             // 4s
+    setp.ge.u64 %p1, %rd4, %rd3;
+    @%p1 bra DONE;
+LOOP:
+    shl.b64 %rd8, %rd4, 4;
+    add.u64 %rd9, %rd2, %rd8;           // &src[i]
+    add.u64 %rd10, %rd1, %rd8;          // &dst[i]
+    add.u64 %rd11, %rd4, %rd6;
+    add.u64 %rd12, %rd11, %rd6;
+    add.u64 %rd13, %rd12, %rd6;
+    setp.lt.u64 %p2, %rd11, %rd3;       // i + s < n
+    setp.lt.u64 %p3, %rd12, %rd3;       // i + 2s < n
+    setp.lt.u64 %p4, %rd13, %rd3;       // i + 3s < n
+    add.u64 %rd14, %rd9, %rd7;
+    add.u64 %rd15, %rd14, %rd7;
+    add.u64 %rd16, %rd15, %rd7;
+    ld.global.cg.v4.u32 {%r5, %r6, %r7, %r8}, [%rd9];
+    @%p2 ld.global.cg.v4.u32 {%r9, %r10, %r11, %r12}, [%rd14];
+    @%p3 ld.global.cg.v4.u32 {%r13, %r14, %r15, %r16}, [%rd15];
+    @%p4 ld.global.cg.v4.u32 {%r17, %r18, %r19, %r20}, [%rd16];
+    add.u64 %rd17, %rd10, %rd7;
+    add.u64 %rd18, %rd17, %rd7;
+    add.u64 %rd19, %rd18, %rd7;
+    st.global.cs.v4.u32 [%rd10], {%r5, %r6, %r7, %r8};
+    @%p2 st.global.cs.v4.u32 [%rd17], {%r9, %r10, %r11, %r12};
+    @%p3 st.global.cs.v4.u32 [%rd18], {%r13, %r14, %r15, %r16};
+    @%p4 st.global.cs.v4.u32 [%rd19], {%r17, %r18, %r19, %r20};
+    add.u64 %rd4, %rd4, %rd20;
+    setp.lt.u64 %p1, %rd4, %rd3;
+    @%p1 bra LOOP;
+DONE:
+    ret;
+}
+"""
 
 
-if triton is not None:
-    @triton.jit
-    def _copy_words(src, dst, n, BLOCK: tl.constexpr):
-        """n int64 words from src to dst; program i takes blocks i, i + programs, ..."""
-        for base in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
-            offs = base + tl.arange(0, BLOCK)
-            mask = offs < n
-            tl.store(dst + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask,
-                     cache_modifier=".cs")
+class SmCopy:
+    """The copy kernel, loaded into the current device's context; ``copy(dst, src, nbytes, stream)``
+    queues one on a stream (raw handle) between device addresses (this GPU's or a peer's, mapped).
+    One launch at a time: its argument buffer is reused (the transport's lock serialises them)."""
 
+    def __init__(self, driver, ctas: int = CTAS):
+        self.driver, self.ctas = driver, ctas
+        self.function = driver.load_function(PTX, KERNEL)
+        self.args = (ctypes.c_uint64 * 3)()
+        base = ctypes.addressof(self.args)
+        self.params = (ctypes.c_void_p * 3)(base, base + 8, base + 16)
 
-def words_at(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    """The int64 words at a device address (this GPU's memory or a peer's, mapped) as a tensor of
-    ``device``, for a kernel of that GPU to read or write; it does not own the memory."""
-    storage = torch._C._construct_storage_from_data_pointer(address, device, nbytes)
-    return torch.empty(0, dtype=torch.int64, device=device).set_(storage, 0, (nbytes // 8,), (1,))
+    @staticmethod
+    def fits(dst: int, src: int, nbytes: int) -> bool:
+        """Whether the kernel can make this copy (16-byte vectors: both addresses and the size aligned)."""
+        return (dst | src | nbytes) % 16 == 0
 
-
-def copy_words(dst: torch.Tensor, src: torch.Tensor, ctas: int = CTAS) -> None:
-    """dst <- src (int64 word tensors of one length) by ``ctas`` programs, on the current stream."""
-    _copy_words[(ctas,)](src, dst, src.numel(), BLOCK=2048, num_warps=8)
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        vectors = nbytes >> 4
+        if vectors:
+            self.args[0], self.args[1], self.args[2] = dst, src, vectors
+            programs = min(self.ctas, -(-vectors // (THREADS * UNROLL)))
+            self.driver.launch(self.function, programs, THREADS, stream, self.params)
 
 
 def sm_copy_threshold(device: torch.device) -> int | None:
     """Bytes from which the IPC transport copies a message by SMs, None for never:
-    MOE_MPI_IPC_SM_COPY_MB (a number of MB; ``off`` for never), by default DEFAULT_MB where Triton
-    is there (on CUDA only)."""
+    MOE_MPI_IPC_SM_COPY_MB (a number of MB; ``off`` for never), by default DEFAULT_MB on GPUs of
+    compute capability 8.0 or later (the kernel's target); CPUs never."""
     raw = os.environ.get("MOE_MPI_IPC_SM_COPY_MB", "").strip().lower()
-    usable = device.type == "cuda" and triton is not None and hasattr(torch._C, "_construct_storage_from_data_pointer")
-    if raw == "off":
+    if raw == "off" or device.type != "cuda":
+        if raw not in ("", "off"):
+            sm_copy_mb(raw)         # checked on every rank alike
         return None
+    capability = tuple(torch.cuda.get_device_capability(device))
+    usable = capability >= MIN_CAPABILITY
     if not raw:
         return int(DEFAULT_MB * 1e6) if usable else None
+    mb = sm_copy_mb(raw)
+    if not usable:
+        raise ValueError(f"MOE_MPI_IPC_SM_COPY_MB: the copy kernel needs a GPU of compute capability "
+                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or later, and GPU {device.index} is "
+                         f"{capability[0]}.{capability[1]} (set it to 'off')")
+    return int(mb * 1e6)
+
+
+def sm_copy_mb(raw: str) -> float:
     try:
         mb = float(raw)
     except ValueError:
         raise ValueError(f"MOE_MPI_IPC_SM_COPY_MB must be a number of MB or 'off', got {raw!r}") from None
-    if mb < 0:
+    if not mb >= 0:
         raise ValueError(f"MOE_MPI_IPC_SM_COPY_MB must be at least 0, got {raw!r}")
-    if device.type != "cuda":
-        return None
-    if not usable:
-        raise ValueError("MOE_MPI_IPC_SM_COPY_MB needs Triton (pip install triton) and a torch that can wrap a "
-                         "device address in a tensor; this installation lacks one of them (set it to 'off')")
-    return int(mb * 1e6)
+    return mb
