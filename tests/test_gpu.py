@@ -396,32 +396,34 @@ def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
 
 def test_sm_copy_setting_is_read_and_checked(monkeypatch):
     """MOE_MPI_IPC_SM_COPY_MB: unset, IPC messages from 32 MB are copied by the kernel on GPUs it runs on
-    (compute capability 8.0 or later; else all by the copy engines); a number of MB moves that size,
-    'off' turns kernels off; anything else, or a size asked for on an older GPU, is an error that
-    names the variable."""
+    (compute capability 8.0 or later) for a rank whose peers are on two or more other GPUs, else all by
+    the copy engines; a number of MB moves that size whatever the peers, 'off' turns kernels off;
+    anything else, or a size asked for on an older GPU, is an error that names the variable."""
     from moe_mpi.parallel import peer_copy
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.delenv("MOE_MPI_IPC_SM_COPY_MB", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    assert peer_copy.sm_copy_threshold(gpu) is None
+    assert peer_copy.sm_copy_threshold(gpu, 3) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert peer_copy.sm_copy_threshold(gpu) == 32_000_000
-    assert peer_copy.sm_copy_threshold(cpu) is None          # CPU runs copy on the host
+    assert peer_copy.sm_copy_threshold(gpu, 2) == peer_copy.sm_copy_threshold(gpu, 3) == 32_000_000
+    assert peer_copy.sm_copy_threshold(gpu, 1) is None         # one other GPU: the copy engines are faster
+    assert peer_copy.sm_copy_threshold(gpu, 0) is None         # every peer on this GPU
+    assert peer_copy.sm_copy_threshold(cpu, 3) is None          # CPU runs copy on the host
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "8.5")
-    assert peer_copy.sm_copy_threshold(gpu) == 8_500_000
-    assert peer_copy.sm_copy_threshold(cpu) is None
+    assert peer_copy.sm_copy_threshold(gpu, 1) == peer_copy.sm_copy_threshold(gpu, 3) == 8_500_000
+    assert peer_copy.sm_copy_threshold(cpu, 3) is None
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "Off")
-    assert peer_copy.sm_copy_threshold(gpu) is None
+    assert peer_copy.sm_copy_threshold(gpu, 3) is None
     for bad in ("eight", "-1", "nan"):
         monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", bad)
         for device in (gpu, cpu):
             with pytest.raises(ValueError, match="MOE_MPI_IPC_SM_COPY_MB"):
-                peer_copy.sm_copy_threshold(device)
+                peer_copy.sm_copy_threshold(device, 3)
     monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     with pytest.raises(ValueError, match="compute capability 8.0 or later, and GPU 0 is 7.5"):
-        peer_copy.sm_copy_threshold(gpu)
+        peer_copy.sm_copy_threshold(gpu, 3)
 
 
 @needs_cuda

@@ -8,9 +8,10 @@ carries nothing per message.
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
-  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (default 32 MB) are written instead by a kernel on
-  that stream, and taken out of their slots by one (``peer_copy``): faster where every GPU sends and
-  receives at once, at the price of SMs (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).
+  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (by default 32 MB, for a rank whose peers are on
+  two or more other GPUs) are written instead by a kernel on that stream, and taken out of their slots
+  by one (``peer_copy``): faster where a GPU sends to and receives from several others at once, at the
+  price of SMs (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).
 * Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
   them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the message's step + 1
@@ -339,8 +340,8 @@ class IPCTransport(OpTransport):
         self.row_bytes = hidden * torch.empty(0, dtype=dtype).element_size()
         self.slot_bytes = self.max_rows * self.row_bytes
         self.driver = Driver() if self.cuda else None
-        # messages of at least this many bytes are copied by SMs rather than the copy engines
-        self.sm_copy_bytes = sm_copy_threshold(self.device) if self.cuda else None
+        # messages of at least this many bytes are copied by SMs rather than the copy engines (_build)
+        self.sm_copy_bytes: int | None = None
         self.me = world.Get_rank()
         self.channel_ = IpcChannel(self)
         self.send_rings: dict[tuple, SendRing] = {}
@@ -413,10 +414,14 @@ class IPCTransport(OpTransport):
             handle, offset = node.Get_rank(), 0
 
         per_peer = self.slots * self.slot_bytes
+        gpu = str(torch.cuda.get_device_properties(self.device).uuid) if self.cuda else None
         lent = [dict() for _ in range(world.Get_size())]     # what each peer needs from this rank
         for i, (comm, peer, wr) in enumerate(pairs):
-            lent[wr] = {"handle": handle, "offset": offset + i * per_peer}
+            lent[wr] = {"handle": handle, "offset": offset + i * per_peer, "gpu": gpu}
         got = world.alltoall(lent)
+        if self.cuda:
+            peer_gpus = {got[wr]["gpu"] for _, _, wr in pairs} - {gpu}
+            self.sm_copy_bytes = sm_copy_threshold(self.device, len(peer_gpus))
         box = self.boxes
         for i, (comm, peer, wr) in enumerate(pairs):
             theirs = got[wr]

@@ -23,7 +23,7 @@ CTAS = 32               # programs of one copy (SMs it may hold)
 THREADS = 256           # threads of a program
 UNROLL = 4              # 16-byte vectors each thread has in flight
 MIN_CAPABILITY = (8, 0)     # the PTX's target
-DEFAULT_MB = 32         # from here up, kernels (see sm_copy_threshold)
+DEFAULT_MB = 32         # from here up, kernels, where a rank's peers are on 2+ other GPUs (sm_copy_threshold)
 KERNEL = "moe_mpi_copy16"
 
 # dst[i] = src[i] for the n 16-byte vectors i < n.  Thread t of the grid (s threads) moves vectors
@@ -119,10 +119,17 @@ class SmCopy:
             self.driver.launch(self.function, programs, THREADS, stream, self.params)
 
 
-def sm_copy_threshold(device: torch.device) -> int | None:
+def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
     """Bytes from which the IPC transport copies a message by SMs, None for never:
-    MOE_MPI_IPC_SM_COPY_MB (a number of MB; ``off`` for never), by default DEFAULT_MB on GPUs of
-    compute capability 8.0 or later (the kernel's target); CPUs never."""
+    MOE_MPI_IPC_SM_COPY_MB (a number of MB; ``off`` for never); by default DEFAULT_MB on GPUs of
+    compute capability 8.0 or later (the kernel's target) for a rank whose peers are on at least two
+    other GPUs (``peer_gpus``), else never; CPUs never.  Why the peers count: a GPU sending to two
+    and receiving from two gets about 200 GB/s from its copy engines and 280-330 from the kernel
+    (4xH200, ``benchmarks/results/gpu_copy_engines_nvidia-h200.md``), but between two GPUs alone the
+    engines are 2-9% faster than the kernel (``gpu_copy_engines_2gpus_nvidia-h200.md``), and one
+    front and one expert on two GPUs exchanged faster by the engines at every size from 1024 tokens
+    up, in every round, by 0.05-0.30 of the all-to-all's bandwidth
+    (``gpu_exchange_ptx_copy_nvidia-h200.md``)."""
     raw = os.environ.get("MOE_MPI_IPC_SM_COPY_MB", "").strip().lower()
     if raw == "off" or device.type != "cuda":
         if raw not in ("", "off"):
@@ -131,7 +138,7 @@ def sm_copy_threshold(device: torch.device) -> int | None:
     capability = tuple(torch.cuda.get_device_capability(device))
     usable = capability >= MIN_CAPABILITY
     if not raw:
-        return int(DEFAULT_MB * 1e6) if usable else None
+        return int(DEFAULT_MB * 1e6) if usable and peer_gpus >= 2 else None
     mb = sm_copy_mb(raw)
     if not usable:
         raise ValueError(f"MOE_MPI_IPC_SM_COPY_MB: the copy kernel needs a GPU of compute capability "
