@@ -8,8 +8,8 @@ programs writing the peer's memory over NVLink moves 280-330 GB/s
 shape).  The kernel is a few lines of PTX that the driver compiles for the GPU when the transport loads
 it, launched with ``cuLaunchKernel`` through ctypes on raw addresses: about what a ``cuMemcpyAsync``
 costs the host.  (Its Triton predecessor needed a tensor over each raw address, a stream context and
-Triton's launcher, about 30 us a message, which made kernels slower than the copy engines below 32 MB:
-``benchmarks/results/gpu_exchange_smcopy_ab_nvidia-h200.md``.)  A kernel holds its SMs while it runs,
+Triton's launcher for every message; with it, kernels were slower than the copy engines below 32 MB on 4
+GPUs: ``benchmarks/results/gpu_exchange_smcopy_ab_nvidia-h200.md``.)  A kernel holds its SMs while it runs,
 so it takes its turn with the compute of a GPU it shares.
 """
 from __future__ import annotations
