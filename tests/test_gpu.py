@@ -457,3 +457,18 @@ def test_sm_copy_kernel_copies_every_byte_and_no_more(peer):
         assert bool((dst[nbytes:] == 0xA5).all()), nbytes
     kernel.copy(dst.data_ptr(), src.data_ptr(), 0, stream.cuda_stream)
     assert SmCopy.fits(4096, 8192, 14336) and not SmCopy.fits(4096, 8200, 14336) and not SmCopy.fits(0, 0, 8)
+
+
+def test_sm_copy_kernel_that_fails_to_load_says_how_to_do_without():
+    """A driver that cannot compile the kernel's PTX: the error names the kernel, the driver call and
+    the setting that leaves every message to the copy engines."""
+    from moe_mpi.parallel.cuda_driver import Driver
+    from moe_mpi.parallel.peer_copy import SmCopy
+
+    class NoPtx:
+        def load_function(self, ptx, name):
+            Driver.check(218, f"cuModuleLoadData (compiling {name})")
+
+    with pytest.raises(RuntimeError, match=r"copy kernel: cuModuleLoadData \(compiling moe_mpi_copy16\) failed: "
+                                           r"CUDA driver error 218 \(MOE_MPI_IPC_SM_COPY_MB=off"):
+        SmCopy(NoPtx())

@@ -101,7 +101,11 @@ class SmCopy:
 
     def __init__(self, driver, ctas: int = CTAS):
         self.driver, self.ctas = driver, ctas
-        self.function = driver.load_function(PTX, KERNEL)
+        try:
+            self.function = driver.load_function(PTX, KERNEL)
+        except RuntimeError as exc:
+            raise RuntimeError(f"the IPC transport's copy kernel: {exc} (MOE_MPI_IPC_SM_COPY_MB=off leaves every "
+                               "message to the copy engines)") from exc
         self.args = (ctypes.c_uint64 * 3)()
         base = ctypes.addressof(self.args)
         self.params = (ctypes.c_void_p * 3)(base, base + 8, base + 16)
