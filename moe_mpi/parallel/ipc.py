@@ -8,7 +8,7 @@ carries nothing per message.
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
-  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (by default 32 MB, for a rank whose peers are on
+  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (by default 8 MB, for a rank whose peers are on
   two or more other GPUs) are written instead by a kernel on that stream, and taken out of their slots
   by one (``peer_copy``): faster where a GPU sends to and receives from several others at once, at the
   price of SMs (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).
