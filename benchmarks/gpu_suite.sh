@@ -54,5 +54,5 @@ fi
 step e2e ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --out "$WORK/results" --work "$WORK/e2e" --timeout 90 ${E2E_ARGS:-}
 # the same under CUDA MPS (a daemon of the benchmark's own): kernels of ranks that share a GPU side by side
 step e2e_mps ${E2E_LIMIT:-200} $PY benchmarks/gpu_end_to_end.py --mps --out "$WORK/results" --work "$WORK/e2e_mps" --timeout 90 ${E2E_ARGS:-}
-step tests ${TESTS_LIMIT:-240} $PY -m pytest -q tests/test_gpu.py tests/test_gpu_kernels.py -k "${TESTS_K:-not on_cpu}" -p no:cacheprovider
+step tests ${TESTS_LIMIT:-240} $PY -m pytest -q tests/test_gpu.py tests/test_gpu_kernels.py tests/test_ipc.py -k "${TESTS_K:-not on_cpu}" -p no:cacheprovider
 ls -la "$WORK/results" "$OUT"

@@ -31,19 +31,24 @@ def join_rows(rows: list[torch.Tensor], hidden: int, dtype: torch.dtype,
     return x, [r.shape[0] for r in rows]
 
 
+def setting_at_least_0(name: str, raw: str, unit: str) -> float:
+    """An environment setting's value ``raw`` as a number of at least 0, or an error naming it."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of {unit}, got {raw!r}") from None
+    if not value >= 0:
+        raise ValueError(f"{name} must be at least 0, got {raw!r}")
+    return value
+
+
 def pass_interval(default: float) -> float:
     """Seconds a test reuses the last pass over the live messages: MOE_MPI_PASS_INTERVAL_US
     (microseconds, at least 0), else ``default``."""
     raw = os.environ.get("MOE_MPI_PASS_INTERVAL_US", "").strip()
     if not raw:
         return default
-    try:
-        us = float(raw)
-    except ValueError:
-        raise ValueError(f"MOE_MPI_PASS_INTERVAL_US must be a number of microseconds, got {raw!r}") from None
-    if not us >= 0:
-        raise ValueError(f"MOE_MPI_PASS_INTERVAL_US must be at least 0, got {raw!r}")
-    return us * 1e-6
+    return setting_at_least_0("MOE_MPI_PASS_INTERVAL_US", raw, "microseconds") * 1e-6
 
 
 class Described:

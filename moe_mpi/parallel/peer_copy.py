@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .ops import setting_at_least_0
+
 CTAS = 32               # programs of one copy (SMs it may hold)
 THREADS = 256           # threads of a program
 UNROLL = 4              # 16-byte vectors each thread has in flight
@@ -133,10 +135,9 @@ def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
     (7.3 MB) it did not help (``benchmarks/results/gpu_exchange_threshold_ab_nvidia-h200.md``).  Why
     the peers count: a GPU sending to two and receiving from two gets about 200 GB/s from its copy
     engines and 280-330 from the kernel (4xH200, ``gpu_copy_engines_nvidia-h200.md``), but between two
-    GPUs alone the
-    engines are 2-9% faster than the kernel (``gpu_copy_engines_2gpus_nvidia-h200.md``), and one
-    front and one expert on two GPUs exchanged faster by the engines at every size from 1024 tokens
-    up, in every round, by 0.05-0.30 of the all-to-all's bandwidth
+    GPUs alone the engines are 2-9% faster than the kernel (``gpu_copy_engines_2gpus_nvidia-h200.md``),
+    and one front and one expert on two GPUs exchanged faster by the engines at every size from 1024
+    tokens up, in every round, by 0.05-0.30 of the all-to-all's bandwidth
     (``gpu_exchange_ptx_copy_nvidia-h200.md``)."""
     raw = os.environ.get("MOE_MPI_IPC_SM_COPY_MB", "").strip().lower()
     if raw == "off" or device.type != "cuda":
@@ -156,10 +157,4 @@ def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
 
 
 def sm_copy_mb(raw: str) -> float:
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ValueError(f"MOE_MPI_IPC_SM_COPY_MB must be a number of MB or 'off', got {raw!r}") from None
-    if not mb >= 0:
-        raise ValueError(f"MOE_MPI_IPC_SM_COPY_MB must be at least 0, got {raw!r}")
-    return mb
+    return setting_at_least_0("MOE_MPI_IPC_SM_COPY_MB", raw, "MB or 'off'")

@@ -1,0 +1,138 @@
+"""The IPC transport's GPU-specific parts: when ``auto`` may take it (every pair on one node, rings
+that fit the GPU), its copy kernel's setting, and the kernel itself (PTX launched through the driver)
+against the bytes it was given.  The tests that need a GPU skip elsewhere; the transport's protocol
+runs on CPUs in ``test_gpu.py`` and ``test_distributed.py``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_ipc_transport_says_which_pair_is_off_node(monkeypatch):
+    """ipc_possible names the first rank whose peer is on another node; with every peer on this node
+    (and CPU ranks, which need no peer access) it has nothing to say."""
+    from moe_mpi.parallel import ipc
+
+    class World:                     # what ipc_possible asks of the world: its rank and allgathers
+        def __init__(self, hosts):
+            self.hosts = hosts
+
+        def Get_rank(self):
+            return 0
+
+        def allgather(self, obj):
+            if isinstance(obj, tuple):           # (host, GPU, ring bytes) of every rank
+                return [(h, "cpu", 0) for h in self.hosts]
+            return [obj] + [None] * (len(self.hosts) - 1)
+
+    monkeypatch.setattr(ipc, "exchange_pairs", lambda comms, n_fronts, world: [(None, 1, 1), (None, 2, 2)])
+    monkeypatch.setattr(ipc.socket, "gethostname", lambda: "node-a")
+    cpu = torch.device("cpu")
+    assert ipc.ipc_possible(World(["node-a", "node-a", "node-a"]), {}, 1, cpu) is None
+    why = ipc.ipc_possible(World(["node-a", "node-a", "node-b"]), {}, 1, cpu)
+    assert why == "rank 0: rank 2 is on node-b, this rank on node-a"
+
+
+@needs_cuda
+def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
+    """With a share given (what --transport auto does), rings over that share of the GPU's memory are
+    a reason not to take IPC, said with the sizes; without one (--transport ipc) they are taken."""
+    from moe_mpi.parallel import ipc
+
+    class World:
+        def Get_rank(self):
+            return 0
+
+        def allgather(self, obj):
+            return [obj]
+
+    monkeypatch.setattr(ipc, "exchange_pairs", lambda comms, n_fronts, world: [(None, 0, 0)])
+    dev = torch.device("cuda", 0)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    assert ipc.ipc_possible(World(), {}, 1, dev, total // 10, share=0.2) is None
+    why = ipc.ipc_possible(World(), {}, 1, dev, total // 2, share=0.2)
+    assert why.startswith("rank 0: the receive rings of the ranks on GPU 0 would take") and "over 20%" in why
+    assert ipc.ipc_possible(World(), {}, 1, dev, total // 2) is None
+
+
+def test_sm_copy_setting_is_read_and_checked(monkeypatch):
+    """MOE_MPI_IPC_SM_COPY_MB: unset, IPC messages from 8 MB are copied by the kernel on GPUs it runs on
+    (compute capability 8.0 or later) for a rank whose peers are on two or more other GPUs, else all by
+    the copy engines; a number of MB moves that size whatever the peers, 'off' turns kernels off;
+    anything else, or a size asked for on an older GPU, is an error that names the variable."""
+    from moe_mpi.parallel import peer_copy
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("MOE_MPI_IPC_SM_COPY_MB", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert peer_copy.sm_copy_threshold(gpu, 3) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert peer_copy.sm_copy_threshold(gpu, 2) == peer_copy.sm_copy_threshold(gpu, 3) == 8_000_000
+    assert peer_copy.sm_copy_threshold(gpu, 1) is None         # one other GPU: the copy engines are faster
+    assert peer_copy.sm_copy_threshold(gpu, 0) is None         # every peer on this GPU
+    assert peer_copy.sm_copy_threshold(cpu, 3) is None          # CPU runs copy on the host
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "8.5")
+    assert peer_copy.sm_copy_threshold(gpu, 1) == peer_copy.sm_copy_threshold(gpu, 3) == 8_500_000
+    assert peer_copy.sm_copy_threshold(cpu, 3) is None
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "Off")
+    assert peer_copy.sm_copy_threshold(gpu, 3) is None
+    for bad in ("eight", "-1", "nan"):
+        monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", bad)
+        for device in (gpu, cpu):
+            with pytest.raises(ValueError, match="MOE_MPI_IPC_SM_COPY_MB"):
+                peer_copy.sm_copy_threshold(device, 3)
+    monkeypatch.setenv("MOE_MPI_IPC_SM_COPY_MB", "0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="compute capability 8.0 or later, and GPU 0 is 7.5"):
+        peer_copy.sm_copy_threshold(gpu, 3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("peer", [False, True])
+def test_sm_copy_kernel_copies_every_byte_and_no_more(peer):
+    """The IPC transport's copy kernel (PTX launched through the driver) moves every byte of random
+    data, within a GPU or into a peer's memory, at sizes around its per-round span and a message's,
+    and touches nothing past the end (a poisoned tail stays poisoned); a copy of 0 bytes is nothing."""
+    from moe_mpi.parallel.cuda_driver import Driver
+    from moe_mpi.parallel.peer_copy import THREADS, UNROLL, SmCopy
+
+    if torch.cuda.get_device_capability(0) < (8, 0):
+        pytest.skip("the copy kernel targets compute capability 8.0")
+    if peer and (torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(0, 1)):
+        pytest.skip("needs 2 GPUs with peer access")
+    driver = Driver()
+    torch.cuda.set_device(0)
+    kernel = SmCopy(driver, ctas=3)
+    span = 16 * THREADS * UNROLL * 3              # bytes the grid moves a round
+    dst_device = torch.device("cuda", 1 if peer else 0)
+    stream = torch.cuda.current_stream(0)
+    for nbytes in (16, 4096, span - 16, span, span + 16, 3 * span + 48, 7 * 14336):
+        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda:0")
+        dst = torch.full((nbytes + 4096,), 0xA5, dtype=torch.uint8, device=dst_device)
+        if peer:
+            dst[:1].copy_(src[:1])                # peer access on (torch's first copy turns it on)
+            torch.cuda.synchronize(dst_device)
+        kernel.copy(dst.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
+        torch.cuda.synchronize(0)
+        assert torch.equal(dst[:nbytes].cpu(), src.cpu()), nbytes
+        assert bool((dst[nbytes:] == 0xA5).all()), nbytes
+    kernel.copy(dst.data_ptr(), src.data_ptr(), 0, stream.cuda_stream)
+    assert SmCopy.fits(4096, 8192, 14336) and not SmCopy.fits(4096, 8200, 14336) and not SmCopy.fits(0, 0, 8)
+
+
+def test_sm_copy_kernel_that_fails_to_load_says_how_to_do_without():
+    """A driver that cannot compile the kernel's PTX: the error names the kernel, the driver call and
+    the setting that leaves every message to the copy engines."""
+    from moe_mpi.parallel.cuda_driver import Driver
+    from moe_mpi.parallel.peer_copy import SmCopy
+
+    class NoPtx:
+        def load_function(self, ptx, name):
+            Driver.check(218, f"cuModuleLoadData (compiling {name})")
+
+    with pytest.raises(RuntimeError, match=r"copy kernel: cuModuleLoadData \(compiling moe_mpi_copy16\) failed: "
+                                           r"CUDA driver error 218 \(MOE_MPI_IPC_SM_COPY_MB=off"):
+        SmCopy(NoPtx())
