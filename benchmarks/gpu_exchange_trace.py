@@ -42,8 +42,9 @@ def instrument() -> None:
     """Wrap the IPC operations so each stamps its stages ('landed': the receiver finds its mailbox says
     the copy is done; files from before the mailboxes also have 'control', the control word seen)."""
     send_init, send_progress = ipc.IpcSend.__init__, ipc.IpcSend.progress
-    recv_init, recv_progress, recv_take = ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv._take
-    # (wait and wait_into both take through _take)
+    recv_init, recv_progress = ipc.IpcRecv.__init__, ipc.IpcRecv.progress
+    # every take goes through the transport's take_out; sends go one by one (fill) or together (_send_batch)
+    take_out, send_batch = ipc.IPCTransport.take_out, ipc.IPCTransport._send_batch
     fill = ipc.SendRing.fill
 
     def s_init(self, tr, comm, peer, step, *rest, **kw):
@@ -70,11 +71,30 @@ def instrument() -> None:
             STAMPS.append((now(), "landed", *self._stamp))
         return out
 
-    def r_take(self, x, at):
+    def t_take_out(self, recvs):
         t0 = now()
-        recv_take(self, x, at)
-        STAMPS.append((t0, "take_start", *self._stamp))
-        STAMPS.append((now(), "taken", *self._stamp))
+        take_out(self, recvs)
+        t1 = now()
+        for op, _, _ in recvs:
+            STAMPS.append((t0, "take_start", *op._stamp))
+            STAMPS.append((t1, "taken", *op._stamp))
+
+    def t_send_batch(self, batch, ready):
+        t0 = now()
+        if not self.cuda:
+            send_batch(self, batch, ready)
+        else:
+            # the launch's start and end on the GPU, the wait for the rows included
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(self.batch_stream)
+            send_batch(self, batch, ready)
+            b.record(self.batch_stream)
+            for op, slot in batch:
+                COPIES.append((op.ring.peer, slot, t0, a, b))
+        t1 = now()
+        for op, _ in batch:
+            STAMPS.append((t0, "send_post_start", *op._stamp))
+            STAMPS.append((t1, "send_posted", *op._stamp))
 
     def s_fill(self, slot, step, x, lo, n, ready):
         if not self.tr.cuda or not n:
@@ -89,7 +109,8 @@ def instrument() -> None:
         COPIES.append((self.peer, slot, now(), a, b))
 
     ipc.IpcSend.__init__, ipc.IpcSend.progress = s_init, s_progress
-    ipc.IpcRecv.__init__, ipc.IpcRecv.progress, ipc.IpcRecv._take = r_init, r_progress, r_take
+    ipc.IpcRecv.__init__, ipc.IpcRecv.progress = r_init, r_progress
+    ipc.IPCTransport.take_out, ipc.IPCTransport._send_batch = t_take_out, t_send_batch
     ipc.SendRing.fill = s_fill
 
 

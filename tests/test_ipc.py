@@ -1,6 +1,6 @@
 """The IPC transport's GPU-specific parts: when ``auto`` may take it (every pair on one node, rings
-that fit the GPU), its copy kernel's setting, and the kernel itself (PTX launched through the driver)
-against the bytes it was given.  The tests that need a GPU skip elsewhere; the transport's protocol
+that fit the GPU), its copy kernel's setting, the kernel itself (PTX launched through the driver)
+against the bytes it was given, and the stream writes of many mailbox words in one call.  The tests that need a GPU skip elsewhere; the transport's protocol
 runs on CPUs in ``test_gpu.py`` and ``test_distributed.py``.
 """
 from __future__ import annotations
@@ -121,6 +121,61 @@ def test_sm_copy_kernel_copies_every_byte_and_no_more(peer):
         assert bool((dst[nbytes:] == 0xA5).all()), nbytes
     kernel.copy(dst.data_ptr(), src.data_ptr(), 0, stream.cuda_stream)
     assert SmCopy.fits(4096, 8192, 14336) and not SmCopy.fits(4096, 8200, 14336) and not SmCopy.fits(0, 0, 8)
+
+
+@needs_cuda
+@pytest.mark.parametrize("peer", [False, True])
+def test_sm_copy_kernel_makes_many_copies_in_a_launch(peer):
+    """``copy_many``: more copies than one launch takes (so two launches), of different sizes (one of
+    0 bytes, which is nothing), each from its own random source into its own place of one poisoned
+    buffer: every copy lands whole where it was sent, and nothing else changes."""
+    from moe_mpi.parallel.cuda_driver import Driver
+    from moe_mpi.parallel.peer_copy import SEGMENTS, SmCopy
+
+    if torch.cuda.get_device_capability(0) < (8, 0):
+        pytest.skip("the copy kernel targets compute capability 8.0")
+    if peer and (torch.cuda.device_count() < 2 or not torch.cuda.can_device_access_peer(0, 1)):
+        pytest.skip("needs 2 GPUs with peer access")
+    torch.cuda.set_device(0)
+    kernel = SmCopy(Driver(), ctas=4)
+    g = torch.Generator().manual_seed(7)
+    sizes = [16 * int(v) for v in torch.randint(1, 3000, (SEGMENTS + 5,), generator=g)]
+    sizes[3] = 0
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n + 4096)          # a poisoned gap after each
+    dst = torch.full((starts[-1],), 0xA5, dtype=torch.uint8, device=torch.device("cuda", 1 if peer else 0))
+    srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0") for n in sizes]
+    if peer:
+        dst[:1].copy_(srcs[0][:1])
+        dst[:1].fill_(0xA5)
+        torch.cuda.synchronize(dst.device)
+    expected = torch.full((starts[-1],), 0xA5, dtype=torch.uint8)
+    for src, at in zip(srcs, starts):
+        expected[at:at + src.numel()] = src.cpu()
+    kernel.copy_many([(dst.data_ptr() + at, src.data_ptr(), src.numel()) for src, at in zip(srcs, starts)],
+                     torch.cuda.current_stream(0).cuda_stream)
+    torch.cuda.synchronize(0)
+    assert torch.equal(dst.cpu(), expected)
+
+
+@needs_cuda
+def test_stream_writes_many_words_in_one_call():
+    """``Driver.write_values``: more words than one batch takes, each to its own place in pinned
+    memory, every one lands, after the stream's work before it."""
+    from moe_mpi.parallel.cuda_driver import MAX_MEM_OPS, Driver
+
+    d = Driver()
+    words = torch.zeros(MAX_MEM_OPS + 7, dtype=torch.int64).pin_memory()
+    base = d.device_address(words.data_ptr())
+    values = [(i + 1) << 32 | (3 * i) for i in range(words.numel())]
+    stream = torch.cuda.Stream(0)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(100_000_000)             # tens of milliseconds
+    d.write_values(stream.cuda_stream, [(base + 8 * i, v) for i, v in enumerate(values)])
+    assert not words.any(), "written before the stream's earlier work was done"
+    stream.synchronize()
+    assert words.tolist() == values
 
 
 def test_sm_copy_kernel_that_fails_to_load_says_how_to_do_without():

@@ -10,6 +10,9 @@ import torch
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 CU_EVENT_DISABLE_TIMING = 2
 CU_MEMHOSTREGISTER_PORTABLE_DEVICEMAP = 1 | 2
+CU_STREAM_MEM_OP_WRITE_VALUE_64 = 5
+MEM_OP_WORDS = 6            # a CUstreamBatchMemOpParams is a union of six 64-bit words
+MAX_MEM_OPS = 255           # cuStreamBatchMemOp takes fewer than 256 at once
 
 
 class _IpcHandle(ctypes.Structure):
@@ -40,6 +43,12 @@ class Driver:
         # the mailboxes: host memory the streams write
         self._write = getattr(lib, "cuStreamWriteValue64_v2", None) or lib.cuStreamWriteValue64
         self._write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint]
+        # several words in one call: (operation, address, value, flags, alias, pad) per write, the
+        # operation filled in once; one buffer, reused (the transport's lock serialises its callers)
+        self._batch = getattr(lib, "cuStreamBatchMemOp_v2", None) or lib.cuStreamBatchMemOp
+        self._batch.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
+        self._mem_ops = (ctypes.c_uint64 * (MEM_OP_WORDS * MAX_MEM_OPS))()
+        self._mem_ops[::MEM_OP_WORDS] = [CU_STREAM_MEM_OP_WRITE_VALUE_64] * MAX_MEM_OPS
         self._register = getattr(lib, "cuMemHostRegister_v2", None) or lib.cuMemHostRegister
         self._register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
         self._unregister = lib.cuMemHostUnregister
@@ -91,6 +100,15 @@ class Driver:
         """``stream`` writes ``value`` to the 64-bit word at ``address`` once its work so far is done."""
         self.check(self._write(stream, address, value, 0), "cuStreamWriteValue64")
 
+    def write_values(self, stream: int, words: list[tuple[int, int]]) -> None:
+        """``write_value`` for each (address, value), in order, in one call (``cuStreamBatchMemOp``)."""
+        ops = self._mem_ops
+        for start in range(0, len(words), MAX_MEM_OPS):
+            chunk = words[start:start + MAX_MEM_OPS]
+            for i, (address, value) in enumerate(chunk):
+                ops[MEM_OP_WORDS * i + 1], ops[MEM_OP_WORDS * i + 2] = address, value
+            self.check(self._batch(stream, len(chunk), ops, 0), "cuStreamBatchMemOp")
+
     def device_address(self, ptr: int) -> int:
         """The device address of registered (or pinned) host memory."""
         device = ctypes.c_uint64(0)
@@ -113,22 +131,25 @@ class Driver:
         self.check(self._function(ctypes.byref(function), module, name.encode()), f"cuModuleGetFunction ({name})")
         return function.value
 
-    def launch(self, function: int, blocks: int, threads: int, stream: int, params) -> None:
-        """A 1-D grid of ``function`` on ``stream``; ``params``: the array of pointers to its arguments."""
-        self.check(self._launch(function, blocks, 1, 1, threads, 1, 1, 0, stream, params, None), "cuLaunchKernel")
+    def launch(self, function: int, blocks: int, threads: int, stream: int, params, rows: int = 1) -> None:
+        """A grid of ``blocks`` x ``rows`` programs of ``function`` on ``stream``; ``params``: the array
+        of pointers to its arguments."""
+        self.check(self._launch(function, blocks, rows, 1, threads, 1, 1, 0, stream, params, None), "cuLaunchKernel")
 
 
 def stream_writes_problem(device: torch.device) -> str | None:
     """Why this GPU's streams cannot write host memory for the mailboxes (None if they can): one
-    ``cuStreamWriteValue64`` into pinned memory, read back."""
+    ``cuStreamWriteValue64`` and one batch of two into pinned memory, read back."""
     try:
         d = Driver()
-        word = torch.zeros(1, dtype=torch.int64).pin_memory()
+        words = torch.zeros(3, dtype=torch.int64).pin_memory()
         stream = torch.cuda.Stream(device)
-        d.write_value(stream.cuda_stream, d.device_address(word.data_ptr()), 12345)
+        at = d.device_address(words.data_ptr())
+        d.write_value(stream.cuda_stream, at, 12345)
+        d.write_values(stream.cuda_stream, [(at + 8, 678), (at + 16, 2**40 + 9)])
         stream.synchronize()
-        if int(word[0]) != 12345:
-            return f"GPU {device.index}: a stream's write to host memory did not arrive"
+        if words.tolist() != [12345, 678, 2**40 + 9]:
+            return f"GPU {device.index}: a stream's writes to host memory did not arrive"
     except (RuntimeError, AttributeError, OSError) as exc:
         return f"GPU {device.index} cannot write host memory from a stream ({exc})"
     return None

@@ -9,9 +9,13 @@ carries nothing per message.
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
   Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (by default 8 MB, for a rank whose peers are on
-  two or more other GPUs) are written instead by a kernel on that stream, and taken out of their slots
-  by one (``peer_copy``): faster where a GPU sends to and receives from several others at once, at the
-  price of SMs (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).
+  two or more other GPUs) are copied instead by a kernel (``peer_copy``): faster where a GPU sends to
+  and receives from several others at once, at the price of SMs
+  (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).  A dispatch's sends that go by the kernel
+  (one per expert) go in one launch on a stream of the transport's, and their mailboxes in one
+  stream write (``cuStreamBatchMemOp``); so do a reply's (one per front); and the messages a front's
+  result or an expert's step takes out of their slots are copied in one launch and handed back in
+  one stream write: a handful of host calls for a micro-batch, however many peers.
 * Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
   them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the message's step + 1
@@ -48,7 +52,7 @@ from mpi4py import MPI
 from .cuda_driver import Driver, current_stream_handle, stream_writes_problem
 from .exchange import exchange_pairs
 from .ipc_rings import FILLED, FREED, Mailboxes, RecvRing, SendRing
-from .ops import REPLY_FROM, REPLY_TO, SEND_TO, Described, Op, OpExchange, OpSends, OpTransport
+from .ops import FROM_FRONT, REPLY_FROM, REPLY_TO, SEND_TO, Described, Op, OpExchange, OpReceive, OpSends, OpTransport
 from .peer_copy import SmCopy, sm_copy_threshold
 
 log = logging.getLogger("moe_mpi")
@@ -107,11 +111,12 @@ class SharedReady:
 
 
 class IpcSend(Op):
-    """Rows lo...lo+n of x (all of them by default) to a peer.  They are computed once ``ready`` (the
-    caller's event) has passed, or ``shared``'s event, or else the compute stream's work so far."""
+    """Rows lo...lo+n of x (all of them by default) to a peer.  Sent by the transport's ``_post``: in
+    one launch with its dispatch's or reply's other kernel copies, or on its own (``arm``, then
+    ``progress``) once the peer's ring has a free slot."""
 
-    def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what, ready=None,
-                 lo: int = 0, n: int | None = None, shared: SharedReady | None = None):
+    def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what,
+                 lo: int = 0, n: int | None = None):
         self.tr, self.step, self.what = tr, step, what
         self.ring = tr.send_rings[(id(comm), peer)]
         self.x, self.lo, self.n = x, lo, x.shape[0] if n is None else n
@@ -120,12 +125,12 @@ class IpcSend(Op):
         if not 0 <= step <= MAX_STEP:
             raise RuntimeError(f"{what}: step {step} does not fit a mailbox word (at most {MAX_STEP})")
         self.ready, self.shared, self.caller_event = 0, None, None
-        if tr.cuda and self.n:
-            if ready is not None:
-                self.ready, self.caller_event = ready.cuda_event, ready    # (kept alive until posted)
-            else:
-                self.shared = shared or SharedReady(tr, 1)
-                self.ready = self.shared.handle
+
+    def arm(self, ready: int, caller_event=None, shared: SharedReady | None = None) -> None:
+        """Its rows are computed once ``ready`` (a raw event handle) has passed: the caller's event
+        (kept alive until posted) or ``shared``'s."""
+        if self.tr.cuda and self.n:
+            self.ready, self.caller_event, self.shared = ready, caller_event, shared
 
     def progress(self) -> bool:
         slot = self.ring.take()
@@ -139,8 +144,9 @@ class IpcSend(Op):
 
 
 class IpcRecv(Op):
-    """A message from a peer, into rows at...at+n of ``out`` (contiguous; n: all its rows by default)
-    or, with no ``out``, a tensor of its own of at most ``cap`` rows."""
+    """A message from a peer, to go into rows at...at+n of ``out`` (contiguous; n: all its rows by
+    default) or, with no ``out``, a tensor of its own of at most ``cap`` rows; taken out of its slot by
+    the transport's ``take_out``."""
 
     def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, out: torch.Tensor | None,
                  cap: int | None, what, at: int = 0, n: int | None = None):
@@ -163,45 +169,37 @@ class IpcRecv(Op):
         self.n, self.slot = rows, slot
         return True
 
-    @property
-    def announced(self) -> int:
-        """The row count its mailbox gave (once arrived)."""
-        return self.n
-
-    def wait_into(self, x: torch.Tensor, at: int) -> None:
-        """``wait``, with the rows copied out of the slot into rows ``at``... of ``x`` instead of a
-        tensor of their own (``OpReceive.joined``)."""
-        if not self.taken:
-            self._take(x, at)
-
     def wait(self) -> None:
         if not self.taken:
             if self.out is None:
                 self.out = torch.empty(self.n, self.tr.hidden, dtype=self.tr.dtype, device=self.tr.device)
-            self._take(self.out, self.at)
-
-    def _take(self, x: torch.Tensor, at: int) -> None:
-        if self.slot < 0:
-            raise RuntimeError(f"{self.what}: taken before it arrived")
-        self.taken = True
-        with self.tr.lock:
-            self.ring.take_out(self.slot, self.n, x, at)
+            self.tr.take_out([(self, self.out, self.at)])
 
     @property
     def rows(self) -> torch.Tensor:
         return self.out.narrow(0, self.at, self.n)
 
 
-class IpcChannel:
-    """What OpTransport's ``expect`` asks of a channel: an expert's receives (the transport makes its
-    dispatches and replies itself, ``_dispatch`` and ``_reply``)."""
+class IpcExchange(OpExchange):
+    """A front's dispatch: its replies are taken out of their slots into the result together (one
+    launch for those the kernel copies, one stream write for all their slots' hand-backs)."""
 
-    def __init__(self, tr: "IPCTransport"):
-        self.tr = tr
+    def result(self) -> torch.Tensor:
+        self.transport.take_out([(op, self.y_ND, op.at) for op in self.recvs if not op.taken])
+        return self.y_ND
 
-    def recv(self, comm, peer: int, step: int, *, out: torch.Tensor | None = None, cap: int | None = None,
-             what: str, fresh: bool = False) -> Op:
-        return IpcRecv(self.tr, comm, peer, step, out, cap, what)
+
+class IpcReceive(OpReceive):
+    """An expert's receives for one step; ``joined`` takes every front's rows out of their slots
+    straight into one tensor, together."""
+
+    def joined(self) -> tuple[torch.Tensor, list[int]]:
+        tr = self.transport
+        counts = [op.n for op in self.ops]
+        x = torch.empty(sum(counts), tr.hidden, dtype=tr.dtype, device=tr.device)
+        ats = [sum(counts[:i]) for i in range(len(counts))]
+        tr.take_out([(op, x, at) for op, at in zip(self.ops, ats) if not op.taken])
+        return x, counts
 
 
 class IPCTransport(OpTransport):
@@ -229,7 +227,8 @@ class IPCTransport(OpTransport):
         # messages of at least this many bytes are copied by SMs rather than the copy engines (_build)
         self.sm_copy_bytes: int | None = None
         self.me = world.Get_rank()
-        self.channel_ = IpcChannel(self)
+        # the stream of the kernel copies of a dispatch's or a reply's sends, all in one launch
+        self.batch_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.send_rings: dict[tuple, SendRing] = {}
         self.recv_rings: dict[tuple, RecvRing] = {}
         self._opened: dict[bytes, int] = {}
@@ -237,13 +236,14 @@ class IPCTransport(OpTransport):
         self._build(world)
         atexit.register(self.boxes.free)
 
-    def channel(self, comm, peer: int) -> IpcChannel:
-        return self.channel_
+    def by_kernel(self, dst: int, src: int, nbytes: int) -> bool:
+        """Whether a copy of nbytes from src to dst (device addresses) goes by the SM kernel (from
+        ``sm_copy_bytes``, where the addresses suit it) rather than the copy engines."""
+        return self.sm_copy is not None and nbytes >= self.sm_copy_bytes and SmCopy.fits(dst, src, nbytes)
 
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        """nbytes from src to dst (device addresses) on ``stream``: by the SM kernel from
-        ``sm_copy_bytes`` where the addresses suit it, else by the copy engines."""
-        if self.sm_copy is not None and nbytes >= self.sm_copy_bytes and SmCopy.fits(dst, src, nbytes):
+        """nbytes from src to dst (device addresses) on ``stream``, by the kernel or the copy engines."""
+        if self.by_kernel(dst, src, nbytes):
             self.sm_copy.copy(dst, src, nbytes, stream)
         else:
             self.driver.copy_async(dst, src, nbytes, stream)
@@ -252,36 +252,127 @@ class IPCTransport(OpTransport):
         """A raw event from the pool (a new one if all are in use)."""
         return self.events.pop() if self.events else self.driver.new_event()
 
-    def _shared_ready(self, uses: int) -> SharedReady | None:
-        return SharedReady(self, uses) if self.cuda and uses else None
-
     # --- the exchange: OpTransport's, with fewer host calls ---
     def _dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
         """OpTransport's, with each message an address and a row count instead of a tensor of its own,
-        and one event for all the sends: a front makes these for every expert of every micro-batch,
-        and a tensor slice or an event record costs its host microseconds each."""
+        its sends posted together (``_post``) and its replies taken together (``IpcExchange``): a front
+        makes these for every expert of every micro-batch, and each host call costs microseconds."""
         comm, n_experts = self.comms[layer], len(offsets) - 1
         x_ND = x_ND.contiguous()
         y_ND = torch.empty(x_ND.shape, dtype=x_ND.dtype, device=x_ND.device)
-        counts = [offsets[e + 1] - offsets[e] for e in range(n_experts)]
-        shared = self._shared_ready(sum(map(bool, counts))) if ready is None else None
-        ops, recvs = [], []
-        for e, n in enumerate(counts):
-            lo, dest, rank = offsets[e], self.n_fronts + e, self.n_fronts + layer * n_experts + e
+        sends, recvs = [], []
+        for e in range(n_experts):
+            lo, n = offsets[e], offsets[e + 1] - offsets[e]
+            dest, rank = self.n_fronts + e, self.n_fronts + layer * n_experts + e
             recvs.append(self._start(IpcRecv(self, comm, dest, step, y_ND, None,
                                              Described(REPLY_FROM, rank, e, layer, step), at=lo, n=n)))
-            ops.append(self._start(IpcSend(self, comm, dest, step, x_ND, Described(SEND_TO, rank, e, layer, step),
-                                           ready, lo=lo, n=n, shared=shared)))
-        return OpExchange(self, ops + recvs, recvs, y_ND)
+            sends.append(IpcSend(self, comm, dest, step, x_ND, Described(SEND_TO, rank, e, layer, step), lo=lo, n=n))
+        self._post(sends, ready)
+        return IpcExchange(self, sends + recvs, recvs, y_ND)
+
+    def _expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
+        comm = self.comms[layer]
+        ops = [self._start(IpcRecv(self, comm, front, step, None, cap, Described(FROM_FRONT, front, step)))
+               for front, cap in zip(senders, capacities)]
+        return IpcReceive(self, ops, senders)
 
     def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
-        """OpTransport's, with one event for all the sends."""
         comm = self.comms[layer]
-        ys = [y.contiguous() for y in ys]
-        shared = self._shared_ready(sum(y.shape[0] > 0 for y in ys))
-        return OpSends(self, [self._start(IpcSend(self, comm, front, step, y, Described(REPLY_TO, front, step),
-                                                  shared=shared))
-                              for front, y in zip(senders, ys)])
+        sends = [IpcSend(self, comm, front, step, y.contiguous(), Described(REPLY_TO, front, step))
+                 for front, y in zip(senders, ys)]
+        self._post(sends, None)
+        return OpSends(self, sends)
+
+    def _post(self, sends: list[IpcSend], ready) -> None:
+        """Start the sends of one dispatch or reply.  Those whose peer has a free slot and whose copy
+        goes by the kernel go together: one wait for their rows, one launch, one stream write for all
+        their mailboxes, on the transport's batch stream (on CPUs, every send with a free slot).  The
+        rest go each on its pair's stream, now or once a slot is free.  Their rows are computed once
+        ``ready`` (the caller's event) has passed, or else the compute stream's work so far (one event
+        recorded for all of them)."""
+        batch, alone = [], []
+        for op in sends:
+            slot = op.ring.take() if op.n and (self.sm_copy is not None or not self.cuda) else None
+            if slot is not None and (not self.cuda or self.by_kernel(
+                    op.ring.address(slot), op.x.data_ptr() + op.lo * self.row_bytes, op.n * self.row_bytes)):
+                batch.append((op, slot))
+            else:
+                alone.append(op)
+        shared, handle = None, 0
+        if self.cuda:
+            if ready is not None:
+                handle = ready.cuda_event
+            else:
+                uses = sum(1 for op in alone if op.n) + bool(batch)
+                shared = SharedReady(self, uses) if uses else None
+                handle = shared.handle if shared else 0
+        if batch:
+            self._send_batch(batch, handle)
+            if shared is not None:
+                shared.used()
+        for op in alone:
+            op.arm(handle, ready, shared)
+            self._start(op)
+
+    def _send_batch(self, batch: list[tuple[IpcSend, int]], ready: int) -> None:
+        """Each (send, free slot): its rows copied into the peer's slot, then its mailbox written."""
+        words = []
+        for op, slot in batch:
+            op.ring.fills[slot] += 1
+            words.append((op.ring, slot, (op.step + 1) << 32 | op.n))
+        if self.cuda:
+            stream, d, rb = self.batch_stream.cuda_stream, self.driver, self.row_bytes
+            if ready:
+                d.wait(stream, ready)
+            self.sm_copy.copy_many([(op.ring.address(slot), op.x.data_ptr() + op.lo * rb, op.n * rb)
+                                    for op, slot in batch], stream)
+            for x in {id(op.x): op.x for op, _ in batch}.values():
+                x.record_stream(self.batch_stream)
+            d.write_values(stream, [(ring.filled[slot], word) for ring, slot, word in words])
+        else:
+            for op, slot in batch:
+                start, nbytes = slot * self.slot_bytes, op.n * self.row_bytes
+                rows = op.x[op.lo:op.lo + op.n].contiguous().view(-1).view(torch.uint8).numpy()
+                op.ring.remote[start:start + nbytes] = rows
+            for ring, slot, word in words:
+                ring.box[slot, FILLED] = word
+        for op, _ in batch:
+            op.done, op.x = True, None
+
+    def take_out(self, recvs: list[tuple[IpcRecv, torch.Tensor, int]]) -> None:
+        """Each (arrived message, x, at): its rows copied out of its slot into rows ``at``... of x
+        (contiguous) on the current stream (those the kernel copies in one launch), and its slot
+        handed back once the copies are done (one stream write for all)."""
+        if not recvs:
+            return
+        with self.lock:
+            stream = current_stream_handle(self.device) if self.cuda else 0
+            kernel, hand_back = [], []
+            for op, x, at in recvs:
+                if op.slot < 0:
+                    raise RuntimeError(f"{op.what}: taken before it arrived")
+                op.taken = True
+                ring, slot, rows = op.ring, op.slot, op.n
+                if rows and self.cuda:
+                    # by address: a slice of x and of the slot, and copy_, cost three times as much
+                    dst, src, nbytes = x.data_ptr() + at * self.row_bytes, ring.base + slot * self.slot_bytes, \
+                        rows * self.row_bytes
+                    if self.by_kernel(dst, src, nbytes):
+                        kernel.append((dst, src, nbytes))
+                    else:
+                        self.driver.copy_async(dst, src, nbytes, stream)
+                elif rows:
+                    x[at:at + rows].copy_(ring.slot_tensors[slot][:rows])
+                ring.box[slot, FILLED] = 0
+                ring.takes[slot] += 1
+                if self.cuda:
+                    hand_back.append((ring.freed[slot], ring.takes[slot]))
+                else:
+                    ring.box[slot, FREED] = ring.takes[slot]
+            if kernel:
+                self.sm_copy.copy_many(kernel, stream)
+            if hand_back:
+                self.driver.write_values(stream, hand_back)
 
     # --- set-up ---
     def _build(self, world) -> None:

@@ -1,6 +1,6 @@
 """The IPC transport's rings and mailboxes (the protocol is in ``ipc``'s docstring): the node's
 mailbox words in shared host memory, and each pair's ring as its sender sees it (where to write, which
-slots came back) and as its receiver does (which slot holds a step, taking the rows out).
+slots came back) and as its receiver does (which slot holds a step; the transport takes the rows out).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .cuda_driver import Driver, current_stream_handle
+from .cuda_driver import Driver
 
 if TYPE_CHECKING:
     from .ipc import IPCTransport
@@ -76,9 +76,13 @@ class SendRing:
                 return slot
         return None
 
+    def address(self, slot: int) -> int:
+        """The device address of a slot (GPU)."""
+        return self.remote + slot * self.tr.slot_bytes
+
     def fill(self, slot: int, step: int, x: torch.Tensor, lo: int, n: int, ready: int) -> None:
         """Copy rows lo...lo+n of x (contiguous) into the peer's slot once ``ready`` (a raw event
-        handle, 0 for none) has passed, then say so in the slot's mailbox."""
+        handle, 0 for none) has passed, then say so in the slot's mailbox, on this pair's stream."""
         tr, nbytes = self.tr, n * self.tr.row_bytes
         self.fills[slot] += 1
         word = (step + 1) << 32 | n
@@ -91,7 +95,7 @@ class SendRing:
         if nbytes:
             if ready:
                 d.wait(self.handle, ready)
-            tr.copy(self.remote + slot * tr.slot_bytes, x.data_ptr() + lo * tr.row_bytes, nbytes, self.handle)
+            tr.copy(self.address(slot), x.data_ptr() + lo * tr.row_bytes, nbytes, self.handle)
             x.record_stream(self.stream)
         d.write_value(self.handle, self.filled[slot], word)
 
@@ -105,7 +109,7 @@ class RecvRing:
         self.base = local.data_ptr()            # slot 0's address
         self.box, self.filled = box, box[:, FILLED]
         self.freed = freed                      # device addresses of the slots' ``freed`` words (GPU)
-        self.takes = [0] * tr.slots             # times this rank has emptied each slot
+        self.takes = [0] * tr.slots             # times this rank has emptied each slot (IPCTransport.take_out)
 
     def find(self, step: int) -> tuple[int, int] | None:
         """The slot holding ``step``'s message and its row count, once its rows are there; else None."""
@@ -113,20 +117,3 @@ class RecvRing:
             if word >> 32 == step + 1:
                 return slot, word & 0xFFFFFFFF
         return None
-
-    def take_out(self, slot: int, rows: int, x: torch.Tensor, at: int) -> None:
-        """The message's rows copied out of the slot into rows ``at``... of ``x`` (contiguous), on the
-        current stream, and the slot handed back once the copy is done."""
-        tr = self.tr
-        if tr.cuda:
-            stream = current_stream_handle(tr.device)
-            if rows:    # by address: a slice of x and of the slot, and copy_, cost three times as much
-                tr.copy(x.data_ptr() + at * tr.row_bytes, self.base + slot * tr.slot_bytes, rows * tr.row_bytes, stream)
-        elif rows:
-            x[at:at + rows].copy_(self.slot_tensors[slot][:rows])
-        self.box[slot, FILLED] = 0
-        self.takes[slot] += 1
-        if tr.cuda:
-            tr.driver.write_value(stream, self.freed[slot], self.takes[slot])
-        else:
-            self.box[slot, FREED] = self.takes[slot]

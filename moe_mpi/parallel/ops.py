@@ -126,19 +126,9 @@ class OpReceive:
         return [op.rows for op in self.ops]
 
     def joined(self) -> tuple[torch.Tensor, list[int]]:
-        """Every sender's rows in one (rows, hidden) tensor, in sender order, and each sender's count.
-        Receives that can copy their rows straight into rows of a given tensor (those with
-        ``wait_into(x, at)`` and ``announced``, the IPC transport's) do, saving the expert a copy of
-        each message and the concatenation."""
+        """Every sender's rows in one (rows, hidden) tensor, in sender order, and each sender's count
+        (the IPC transport's copy them straight out of its slots into it)."""
         tr = self.transport
-        if self.ops and all(hasattr(op, "wait_into") for op in self.ops):
-            counts = [op.announced for op in self.ops]
-            x = torch.empty(sum(counts), tr.hidden, dtype=tr.dtype, device=tr.device)
-            lo = 0
-            for op, n in zip(self.ops, counts):
-                op.wait_into(x, lo)
-                lo += n
-            return x, counts
         return join_rows(self.rows(), tr.hidden, tr.dtype, tr.device)
 
     def pending(self) -> list[str]:

@@ -27,28 +27,32 @@ UNROLL = 4              # 16-byte vectors each thread has in flight
 MIN_CAPABILITY = (8, 0)     # the PTX's target
 DEFAULT_MB = 8          # from here up, kernels, where a rank's peers are on 2+ other GPUs (sm_copy_threshold)
 KERNEL = "moe_mpi_copy16"
+SEGMENTS = 32           # copies one launch makes at most (three 64-bit words each in its argument)
 
-# dst[i] = src[i] for the n 16-byte vectors i < n.  Thread t of the grid (s threads) moves vectors
-# t, t + s, t + 2s, t + 3s, then t + 4s... (four loads in flight before their stores), loads cached in
-# L2 only, stores marked streaming: each byte is touched once.
+# Up to SEGMENTS copies at once: row y of the grid makes copy y, whose (dst, src, n) are words 3y,
+# 3y + 1, 3y + 2 of the one argument.  dst[i] = src[i] for the n 16-byte vectors i < n.  Thread t of a
+# row (s threads) moves vectors t, t + s, t + 2s, t + 3s, then t + 4s... (four loads in flight before
+# their stores), loads cached in L2 only, stores marked streaming: each byte is touched once.
 PTX = r"""
 .version 7.0
 .target sm_80
 .address_size 64
 
 .visible .entry moe_mpi_copy16(
-    .param .u64 p_dst,
-    .param .u64 p_src,
-    .param .u64 p_n
+    .param .align 8 .b8 p_segs[SEGMENT_BYTES]
 )
 {
     .reg .pred %p<5>;
     .reg .b32 %r<21>;
-    .reg .b64 %rd<21>;
+    .reg .b64 %rd<24>;
 
-    ld.param.u64 %rd1, [p_dst];
-    ld.param.u64 %rd2, [p_src];
-    ld.param.u64 %rd3, [p_n];
+    mov.u32 %r1, %ctaid.y;
+    mul.wide.u32 %rd21, %r1, 24;
+    mov.u64 %rd22, p_segs;              // the argument's address (param space), then this row's copy
+    add.u64 %rd22, %rd22, %rd21;
+    ld.param.u64 %rd1, [%rd22];
+    ld.param.u64 %rd2, [%rd22+8];
+    ld.param.u64 %rd3, [%rd22+16];
     cvta.to.global.u64 %rd1, %rd1;
     cvta.to.global.u64 %rd2, %rd2;
     mov.u32 %r1, %ctaid.x;
@@ -93,13 +97,14 @@ LOOP:
 DONE:
     ret;
 }
-"""
+""".replace("SEGMENT_BYTES", str(SEGMENTS * 24))
 
 
 class SmCopy:
-    """The copy kernel, loaded into the current device's context; ``copy(dst, src, nbytes, stream)``
-    queues one on a stream (raw handle) between device addresses (this GPU's or a peer's, mapped).
-    One launch at a time: its argument buffer is reused (the transport's lock serialises them)."""
+    """The copy kernel, loaded into the current device's context; ``copy_many(copies, stream)`` queues
+    (dst, src, nbytes) copies between device addresses (this GPU's or a peer's, mapped) on a stream (raw
+    handle), up to SEGMENTS of them in one launch.  One caller at a time: its argument buffer is
+    reused (the transport's lock serialises them)."""
 
     def __init__(self, driver, ctas: int = CTAS):
         self.driver, self.ctas = driver, ctas
@@ -108,9 +113,8 @@ class SmCopy:
         except RuntimeError as exc:
             raise RuntimeError(f"the IPC transport's copy kernel: {exc} (MOE_MPI_IPC_SM_COPY_MB=off leaves every "
                                "message to the copy engines)") from exc
-        self.args = (ctypes.c_uint64 * 3)()
-        base = ctypes.addressof(self.args)
-        self.params = (ctypes.c_void_p * 3)(base, base + 8, base + 16)
+        self.args = (ctypes.c_uint64 * (3 * SEGMENTS))()
+        self.params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
 
     @staticmethod
     def fits(dst: int, src: int, nbytes: int) -> bool:
@@ -118,11 +122,19 @@ class SmCopy:
         return (dst | src | nbytes) % 16 == 0
 
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        vectors = nbytes >> 4
-        if vectors:
-            self.args[0], self.args[1], self.args[2] = dst, src, vectors
-            programs = min(self.ctas, -(-vectors // (THREADS * UNROLL)))
-            self.driver.launch(self.function, programs, THREADS, stream, self.params)
+        self.copy_many([(dst, src, nbytes)], stream)
+
+    def copy_many(self, copies: list[tuple[int, int, int]], stream: int) -> None:
+        """Every (dst, src, nbytes) copy (each of which ``fits``), SEGMENTS to a launch: each copy a
+        row of programs, as many programs a row as the largest copy of the launch needs, at most
+        ``ctas``."""
+        copies = [(d, s, n >> 4) for d, s, n in copies if n >> 4]
+        for start in range(0, len(copies), SEGMENTS):
+            chunk = copies[start:start + SEGMENTS]
+            for i, (dst, src, vectors) in enumerate(chunk):
+                self.args[3 * i], self.args[3 * i + 1], self.args[3 * i + 2] = dst, src, vectors
+            programs = min(self.ctas, -(-max(v for _, _, v in chunk) // (THREADS * UNROLL)))
+            self.driver.launch(self.function, programs, THREADS, stream, self.params, rows=len(chunk))
 
 
 def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
