@@ -41,7 +41,7 @@ def now() -> float:
 def instrument() -> None:
     """Wrap the IPC operations so each stamps its stages ('landed': the receiver finds its mailbox says
     the copy is done; files from before the mailboxes also have 'control', the control word seen)."""
-    send_init, send_progress = ipc.IpcSend.__init__, ipc.IpcSend.progress
+    send_init, send_one = ipc.IpcSend.__init__, ipc.IpcSend.send
     recv_init, recv_progress = ipc.IpcRecv.__init__, ipc.IpcRecv.progress
     # every take goes through the transport's take_out; sends go one by one (fill) or together (_send_batch)
     take_out, send_batch = ipc.IPCTransport.take_out, ipc.IPCTransport._send_batch
@@ -52,13 +52,11 @@ def instrument() -> None:
         STAMPS.append((now(), "send_made", step, peer))
         send_init(self, tr, comm, peer, step, *rest, **kw)
 
-    def s_progress(self):
+    def s_send(self, slot):
         t0 = now()
-        out = send_progress(self)
-        if out:
-            STAMPS.append((t0, "send_post_start", *self._stamp))
-            STAMPS.append((now(), "send_posted", *self._stamp))
-        return out
+        send_one(self, slot)
+        STAMPS.append((t0, "send_post_start", *self._stamp))
+        STAMPS.append((now(), "send_posted", *self._stamp))
 
     def r_init(self, tr, comm, peer, step, *rest, **kw):
         self._stamp = (step, peer)
@@ -108,7 +106,7 @@ def instrument() -> None:
         b.record(self.stream)
         COPIES.append((self.peer, slot, now(), a, b))
 
-    ipc.IpcSend.__init__, ipc.IpcSend.progress = s_init, s_progress
+    ipc.IpcSend.__init__, ipc.IpcSend.send = s_init, s_send
     ipc.IpcRecv.__init__, ipc.IpcRecv.progress = r_init, r_progress
     ipc.IPCTransport.take_out, ipc.IPCTransport._send_batch = t_take_out, t_send_batch
     ipc.SendRing.fill = s_fill

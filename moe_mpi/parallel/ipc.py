@@ -134,13 +134,16 @@ class IpcSend(Op):
 
     def progress(self) -> bool:
         slot = self.ring.take()
-        if slot is None:
-            return False
+        if slot is not None:
+            self.send(slot)
+        return slot is not None
+
+    def send(self, slot: int) -> None:
+        """Its rows into the peer's free ``slot`` on its pair's stream, and the slot's mailbox written."""
         self.ring.fill(slot, self.step, self.x, self.lo, self.n, self.ready)
         if self.shared is not None:
             self.shared.used()
-        self.x, self.ready, self.shared, self.caller_event = None, 0, None, None
-        return True
+        self.x, self.ready, self.shared, self.caller_event, self.done = None, 0, None, None, True
 
 
 class IpcRecv(Op):
@@ -290,29 +293,32 @@ class IPCTransport(OpTransport):
         rest go each on its pair's stream, now or once a slot is free.  Their rows are computed once
         ``ready`` (the caller's event) has passed, or else the compute stream's work so far (one event
         recorded for all of them)."""
-        batch, alone = [], []
+        batch, alone = [], []           # (send, its free slot or None)
         for op in sends:
-            slot = op.ring.take() if op.n and (self.sm_copy is not None or not self.cuda) else None
-            if slot is not None and (not self.cuda or self.by_kernel(
+            slot = op.ring.take()
+            if slot is not None and op.n and (not self.cuda or self.sm_copy is not None and self.by_kernel(
                     op.ring.address(slot), op.x.data_ptr() + op.lo * self.row_bytes, op.n * self.row_bytes)):
                 batch.append((op, slot))
             else:
-                alone.append(op)
+                alone.append((op, slot))
         shared, handle = None, 0
         if self.cuda:
             if ready is not None:
                 handle = ready.cuda_event
             else:
-                uses = sum(1 for op in alone if op.n) + bool(batch)
+                uses = sum(1 for op, _ in alone if op.n) + bool(batch)
                 shared = SharedReady(self, uses) if uses else None
                 handle = shared.handle if shared else 0
         if batch:
             self._send_batch(batch, handle)
             if shared is not None:
                 shared.used()
-        for op in alone:
+        for op, slot in alone:
             op.arm(handle, ready, shared)
-            self._start(op)
+            if slot is None:
+                self._start(op)         # (progress takes the first slot that comes free)
+            else:
+                op.send(slot)
 
     def _send_batch(self, batch: list[tuple[IpcSend, int]], ready: int) -> None:
         """Each (send, free slot): its rows copied into the peer's slot, then its mailbox written."""
