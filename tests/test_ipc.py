@@ -162,7 +162,7 @@ def test_sm_copy_kernel_makes_many_copies_in_a_launch(peer):
 @needs_cuda
 def test_stream_writes_many_words_in_one_call():
     """``Driver.write_values``: more words than one batch takes, each to its own place in pinned
-    memory, every one lands, after the stream's work before it."""
+    memory, every one lands, after the stream's work before it; and two words, which go one by one."""
     from moe_mpi.parallel.cuda_driver import MAX_MEM_OPS, Driver
 
     d = Driver()
@@ -176,6 +176,9 @@ def test_stream_writes_many_words_in_one_call():
     assert not words.any(), "written before the stream's earlier work was done"
     stream.synchronize()
     assert words.tolist() == values
+    d.write_values(stream.cuda_stream, [(base + 16, 7), (base, 2**40 + 1)])     # two: one call each
+    stream.synchronize()
+    assert words.tolist() == [2**40 + 1, values[1], 7] + values[3:]
 
 
 def test_sm_copy_kernel_that_fails_to_load_says_how_to_do_without():

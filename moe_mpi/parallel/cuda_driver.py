@@ -101,7 +101,13 @@ class Driver:
         self.check(self._write(stream, address, value, 0), "cuStreamWriteValue64")
 
     def write_values(self, stream: int, words: list[tuple[int, int]]) -> None:
-        """``write_value`` for each (address, value), in order, in one call (``cuStreamBatchMemOp``)."""
+        """``write_value`` for each (address, value), in order: from three words on in one call
+        (``cuStreamBatchMemOp``); one or two by ``cuStreamWriteValue64`` each, which costs the host
+        1.8 us a call where the batch of two cost 2.6 (4xH200, ``gpu_exchange_batched_nvidia-h200.md``)."""
+        if len(words) <= 2:
+            for address, value in words:
+                self.check(self._write(stream, address, value, 0), "cuStreamWriteValue64")
+            return
         ops = self._mem_ops
         for start in range(0, len(words), MAX_MEM_OPS):
             chunk = words[start:start + MAX_MEM_OPS]
@@ -139,16 +145,16 @@ class Driver:
 
 def stream_writes_problem(device: torch.device) -> str | None:
     """Why this GPU's streams cannot write host memory for the mailboxes (None if they can): one
-    ``cuStreamWriteValue64`` and one batch of two into pinned memory, read back."""
+    ``cuStreamWriteValue64`` and one batch of three into pinned memory, read back."""
     try:
         d = Driver()
-        words = torch.zeros(3, dtype=torch.int64).pin_memory()
+        words = torch.zeros(4, dtype=torch.int64).pin_memory()
         stream = torch.cuda.Stream(device)
         at = d.device_address(words.data_ptr())
         d.write_value(stream.cuda_stream, at, 12345)
-        d.write_values(stream.cuda_stream, [(at + 8, 678), (at + 16, 2**40 + 9)])
+        d.write_values(stream.cuda_stream, [(at + 8, 678), (at + 16, 2**40 + 9), (at + 24, 5)])
         stream.synchronize()
-        if words.tolist() != [12345, 678, 2**40 + 9]:
+        if words.tolist() != [12345, 678, 2**40 + 9, 5]:
             return f"GPU {device.index}: a stream's writes to host memory did not arrive"
     except (RuntimeError, AttributeError, OSError) as exc:
         return f"GPU {device.index} cannot write host memory from a stream ({exc})"
