@@ -77,18 +77,15 @@ def instrument() -> None:
             STAMPS.append((t0, "take_start", *op._stamp))
             STAMPS.append((t1, "taken", *op._stamp))
 
-    def t_send_batch(self, batch, ready):
+    def t_send_batch(self, batch, ready):      # (GPUs only: the copy kernel's batches)
         t0 = now()
-        if not self.cuda:
-            send_batch(self, batch, ready)
-        else:
-            # the launch's start and end on the GPU, the wait for the rows included
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(self.batch_stream)
-            send_batch(self, batch, ready)
-            b.record(self.batch_stream)
-            for op, slot in batch:
-                COPIES.append((op.ring.peer, slot, t0, a, b))
+        # the launch's start and end on the GPU, the wait for the rows included
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(self.batch_stream)
+        send_batch(self, batch, ready)
+        b.record(self.batch_stream)
+        for op, slot in batch:
+            COPIES.append((op.ring.peer, slot, t0, a, b))
         t1 = now()
         for op, _ in batch:
             STAMPS.append((t0, "send_post_start", *op._stamp))

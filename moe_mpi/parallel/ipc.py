@@ -42,6 +42,7 @@ before its word on the GPU, and the rows are read on the GPU).
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import socket
 
@@ -112,8 +113,8 @@ class SharedReady:
 
 class IpcSend(Op):
     """Rows lo...lo+n of x (all of them by default) to a peer.  Sent by the transport's ``_post``: in
-    one launch with its dispatch's or reply's other kernel copies, or on its own (``arm``, then
-    ``progress``) once the peer's ring has a free slot."""
+    one launch with its dispatch's or reply's other kernel copies, or on its own on its pair's stream
+    (``arm``, then ``send`` into the slot ``_post`` found free, or ``progress`` until one is)."""
 
     def __init__(self, tr: "IPCTransport", comm, peer: int, step: int, x: torch.Tensor, what,
                  lo: int = 0, n: int | None = None):
@@ -200,7 +201,7 @@ class IpcReceive(OpReceive):
         tr = self.transport
         counts = [op.n for op in self.ops]
         x = torch.empty(sum(counts), tr.hidden, dtype=tr.dtype, device=tr.device)
-        ats = [sum(counts[:i]) for i in range(len(counts))]
+        ats = itertools.accumulate(counts, initial=0)
         tr.take_out([(op, x, at) for op, at in zip(self.ops, ats) if not op.taken])
         return x, counts
 
@@ -288,16 +289,15 @@ class IPCTransport(OpTransport):
 
     def _post(self, sends: list[IpcSend], ready) -> None:
         """Start the sends of one dispatch or reply.  Those whose peer has a free slot and whose copy
-        goes by the kernel go together: one wait for their rows, one launch, one stream write for all
-        their mailboxes, on the transport's batch stream (on CPUs, every send with a free slot).  The
-        rest go each on its pair's stream, now or once a slot is free.  Their rows are computed once
-        ``ready`` (the caller's event) has passed, or else the compute stream's work so far (one event
-        recorded for all of them)."""
+        goes by the kernel go together: one wait for their rows, one launch and their mailbox words
+        written together, on the transport's batch stream.  The rest go each on its pair's stream, now
+        or once a slot is free.  Their rows are computed once ``ready`` (the caller's event) has
+        passed, or else the compute stream's work so far (one event recorded for all of them)."""
         batch, alone = [], []           # (send, its free slot or None)
         for op in sends:
             slot = op.ring.take()
-            if slot is not None and op.n and (not self.cuda or self.sm_copy is not None and self.by_kernel(
-                    op.ring.address(slot), op.x.data_ptr() + op.lo * self.row_bytes, op.n * self.row_bytes)):
+            if slot is not None and op.n and self.sm_copy is not None and self.by_kernel(
+                    op.ring.address(slot), op.x.data_ptr() + op.lo * self.row_bytes, op.n * self.row_bytes):
                 batch.append((op, slot))
             else:
                 alone.append((op, slot))
@@ -321,34 +321,26 @@ class IPCTransport(OpTransport):
                 op.send(slot)
 
     def _send_batch(self, batch: list[tuple[IpcSend, int]], ready: int) -> None:
-        """Each (send, free slot): its rows copied into the peer's slot, then its mailbox written."""
+        """Each (send, free slot): its rows copied into the peer's slot by the kernel, all in one
+        launch once ``ready`` (a raw event, 0 for none) has passed, then every mailbox written."""
+        stream, d, rb = self.batch_stream.cuda_stream, self.driver, self.row_bytes
+        if ready:
+            d.wait(stream, ready)
+        self.sm_copy.copy_many([(op.ring.address(slot), op.x.data_ptr() + op.lo * rb, op.n * rb)
+                                for op, slot in batch], stream)
+        for x in {id(op.x): op.x for op, _ in batch}.values():
+            x.record_stream(self.batch_stream)
         words = []
         for op, slot in batch:
             op.ring.fills[slot] += 1
-            words.append((op.ring, slot, (op.step + 1) << 32 | op.n))
-        if self.cuda:
-            stream, d, rb = self.batch_stream.cuda_stream, self.driver, self.row_bytes
-            if ready:
-                d.wait(stream, ready)
-            self.sm_copy.copy_many([(op.ring.address(slot), op.x.data_ptr() + op.lo * rb, op.n * rb)
-                                    for op, slot in batch], stream)
-            for x in {id(op.x): op.x for op, _ in batch}.values():
-                x.record_stream(self.batch_stream)
-            d.write_values(stream, [(ring.filled[slot], word) for ring, slot, word in words])
-        else:
-            for op, slot in batch:
-                start, nbytes = slot * self.slot_bytes, op.n * self.row_bytes
-                rows = op.x[op.lo:op.lo + op.n].contiguous().view(-1).view(torch.uint8).numpy()
-                op.ring.remote[start:start + nbytes] = rows
-            for ring, slot, word in words:
-                ring.box[slot, FILLED] = word
-        for op, _ in batch:
+            words.append((op.ring.filled[slot], (op.step + 1) << 32 | op.n))
             op.done, op.x = True, None
+        d.write_values(stream, words)
 
     def take_out(self, recvs: list[tuple[IpcRecv, torch.Tensor, int]]) -> None:
         """Each (arrived message, x, at): its rows copied out of its slot into rows ``at``... of x
         (contiguous) on the current stream (those the kernel copies in one launch), and its slot
-        handed back once the copies are done (one stream write for all)."""
+        handed back once the copies are done (the words written together, ``write_values``)."""
         if not recvs:
             return
         with self.lock:
