@@ -12,10 +12,11 @@ carries nothing per message.
   two or more other GPUs) are copied instead by a kernel (``peer_copy``): faster where a GPU sends to
   and receives from several others at once, at the price of SMs
   (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).  A dispatch's sends that go by the kernel
-  (one per expert) go in one launch on a stream of the transport's, and their mailboxes in one
-  stream write (``cuStreamBatchMemOp``, from three words); so do a reply's (one per front); and the
-  messages a front's result or an expert's step takes out of their slots are copied in one launch
-  and handed back in one stream write: a handful of host calls for a micro-batch, however many peers.
+  (one per expert) go in one launch on a stream of the transport's, their mailbox words written
+  after it; so do a reply's (one per front).  The messages a front's result or an expert's step
+  takes out of their slots are copied (by the kernel in one launch) and handed back together.  Three
+  or more words go in one call (``cuStreamBatchMemOp``).  So where the messages go by the kernel, a
+  micro-batch's host calls do not grow with its peers.
 * Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
   them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the message's step + 1
