@@ -106,7 +106,7 @@ class Driver:
         1.8 us a call where the batch of two cost 2.6 (4xH200, ``gpu_exchange_batched_nvidia-h200.md``)."""
         if len(words) <= 2:
             for address, value in words:
-                self.check(self._write(stream, address, value, 0), "cuStreamWriteValue64")
+                self.write_value(stream, address, value)
             return
         ops = self._mem_ops
         for start in range(0, len(words), MAX_MEM_OPS):

@@ -6,8 +6,9 @@ experts), copies by the copy engines move about 200 GB/s per GPU on a 4xH200 nod
 programs writing the peer's memory over NVLink moves 280-330 GB/s
 (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``, measured with a Triton kernel of the same
 shape).  The kernel is a few lines of PTX that the driver compiles for the GPU when the transport loads
-it, launched with ``cuLaunchKernel`` through ctypes on raw addresses: about what a ``cuMemcpyAsync``
-costs the host.  (Its Triton predecessor needed a tensor over each raw address, a stream context and
+it, launched with ``cuLaunchKernel`` through ctypes on raw addresses.  A launch costs the host 7-8 us,
+more than a copy-engine ``cuMemcpyAsync`` (about 3 us), but makes up to SEGMENTS copies
+(``benchmarks/results/gpu_exchange_batched_nvidia-h200.md``).  (Its Triton predecessor needed a tensor over each raw address, a stream context and
 Triton's launcher for every message; with it, kernels were slower than the copy engines below 32 MB on 4
 GPUs: ``benchmarks/results/gpu_exchange_smcopy_ab_nvidia-h200.md``.)  A kernel holds its SMs while it runs,
 so it takes its turn with the compute of a GPU it shares.
