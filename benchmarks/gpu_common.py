@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 
-from cpu_common import md_table  # noqa: F401  (one table format for every results file)
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -111,7 +109,7 @@ def matmul_peak(device: torch.device, small: bool = False, sustained: bool = Fal
         else:
             ms = median(time_ms(lambda: a @ b, device, warmup=3, iters=10))
         rates[f"{m}x{n}x{k}"] = 2 * m * n * k / (ms * 1e-3) / 1e12
-        del a, b
+        a = b = None        # freed before the next shape's operands (the lambdas hold them)
     out = {"tflops": max(rates.values()), "by_shape": rates}
     if sustained:
         out["clocks"] = clocks

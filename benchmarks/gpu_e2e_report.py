@@ -3,7 +3,7 @@
 trace categories, agreement with fp32, and the one-process kernel profile."""
 from __future__ import annotations
 
-from gpu_common import md_table
+from cpu_common import md_table
 
 
 def why(res: dict) -> list[str]:

@@ -188,7 +188,6 @@ def profile_single(cfg, tokens, lengths, device, seed: int) -> list[dict]:
     rows.sort(key=lambda r: -r["ms"])
     for r in rows:
         r["share"] = r["ms"] / total
-    del front, experts
     return rows[:15]
 
 

@@ -3,7 +3,7 @@
 design's ceiling, and the host time per post."""
 from __future__ import annotations
 
-from gpu_common import md_table
+from cpu_common import md_table
 from gpu_exchange_baselines import PAIRS
 
 

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, card_slug, environment, md_table, write_results  # noqa: E402
+from cpu_common import md_table  # noqa: E402
+from gpu_common import RESULTS, card_slug, environment, write_results  # noqa: E402
 from gpu_end_to_end import slice_config  # noqa: E402
 from moe_mpi.model.transformer import Batch, drive, to_device  # noqa: E402
 from moe_mpi.model.weights import build_front  # noqa: E402

@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, card_slug, environment, md_table, time_ms, write_results  # noqa: E402
+from cpu_common import md_table  # noqa: E402
+from gpu_common import RESULTS, card_slug, environment, time_ms, write_results  # noqa: E402
 from gpu_end_to_end import slice_config  # noqa: E402
 from gpu_front_host import run_front  # noqa: E402
 from moe_mpi.model import front_kernels, kernels  # noqa: E402

@@ -36,7 +36,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import RESULTS, card_slug, environment, md_table, mps_daemon, write_results  # noqa: E402
+from cpu_common import md_table  # noqa: E402
+from gpu_common import RESULTS, card_slug, environment, mps_daemon, write_results  # noqa: E402
 
 W, N1, N2, P = 0, 1, 2, 3          # worker, two neighbours on GPU 0, the peer on GPU 1
 KERNELS = {                        # name: (rows, in, out, count, host sync every)

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, md_table  # noqa: E402
+from cpu_common import md_table  # noqa: E402
+from gpu_common import RESULTS  # noqa: E402
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.perf import analytic, costs, hardware, simulate  # noqa: E402
 from moe_mpi.perf.analytic import Layout  # noqa: E402
