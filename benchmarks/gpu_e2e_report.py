@@ -46,6 +46,22 @@ def why(res: dict) -> list[str]:
     return out + [""]
 
 
+def baseline(res: dict) -> list[str]:
+    """The runs against the outside baseline: transformers' model in one process on one GPU."""
+    hf = res.get("transformers")
+    if not hf:
+        return []
+    if "skipped" in hf:
+        return [f"Outside baseline (transformers' DeepseekV3ForCausalLM): not run, {hf['skipped']}.", ""]
+    impl = ", ".join(f"{k.strip('_').split('_')[0]} {v}" for k, v in hf["implementation"].items() if v)
+    vs = "; ".join(f"{name} {x:.2f}x" for name, x in hf["runs_vs_it"].items())
+    return [f"**Against the baseline a user would pick**, transformers {hf['transformers']}'s DeepseekV3ForCausalLM "
+            f"with the same weights ({impl}; bf16; one process on {hf['device']}, one sequence a forward pass, then "
+            f"log-softmax and the next tokens' entries, as `score` computes them), the first {hf['sequences']} "
+            f"sequences: {hf['tokens_per_s']:.0f} tokens/s, MFU {hf['mfu']:.3f}. Each run's tokens/s against it: "
+            f"{vs}.", ""]
+
+
 def report(res: dict, env: dict, args) -> str:
     runs = res["runs"]
     rows = []
@@ -88,6 +104,7 @@ def report(res: dict, env: dict, args) -> str:
         lines += [f"**Best distributed run ({res['best']}): {speed:.2f}x the one-process tokens/s** (target 3x: "
                   f"{'met' if speed >= 3 else f'missed by {3 - speed:.2f}x'}); its MFU {mfu:.3f} (target 0.60: "
                   f"{'met' if mfu >= 0.6 else f'missed by {0.6 - mfu:.3f}'}).", ""]
+    lines += baseline(res)
     lines += why(res)
     for name, r in runs.items():
         if r.get("busy_fraction"):

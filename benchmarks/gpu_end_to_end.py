@@ -15,6 +15,9 @@ of both runs and their ratio, end-to-end MFU (useful model flops over GPUs x the
 measured in this run), busy fraction per rank (the runtime's host spans) and GPU utilisation
 (nvidia-smi, sampled over each scoring window), micro-batch latency p50/p99, and the agreement of the
 bf16 outputs with an fp32 run of the same tokens (log-probabilities, routing and its near-ties).
+Beside them, the baseline a user without this tool would pick: transformers' DeepseekV3ForCausalLM
+with the same weights, in this process on GPU 0, over the first ``--transformers-sequences``
+(``gpu_e2e_transformers.py``); every run's tokens/s is also given against it.
 Results: benchmarks/results/gpu_end_to_end_<card>.{md,json} and the distributed run's trace.
 
 ``--mps`` runs everything (this process, every launch and the one-process run) under a CUDA MPS daemon
@@ -48,6 +51,7 @@ from gpu_common import RESULTS, card_slug, environment, matmul_peak, mps_daemon,
 from gpu_e2e_agreement import agreement, fp32_reference  # noqa: E402
 from gpu_e2e_report import report  # noqa: E402
 from gpu_e2e_trace import steady_state, trace_summary  # noqa: E402
+from gpu_e2e_transformers import hf_score  # noqa: E402
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.model.transformer import Batch, LocalExperts, drive  # noqa: E402
 from moe_mpi.model.weights import build_all_experts, build_front  # noqa: E402
@@ -208,6 +212,9 @@ def main() -> int:
                         "the rest; shared binds every rank round-robin over every GPU (a front and some "
                         "experts per GPU)")
     p.add_argument("--check-sequences", type=int, default=8, help="sequences compared against fp32")
+    p.add_argument("--transformers-sequences", type=int, default=64, metavar="N",
+                   help="sequences scored by the outside baseline, transformers' DeepseekV3ForCausalLM in this "
+                        "process on GPU 0 (0: none)")
     p.add_argument("--transport", default="auto")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -354,12 +361,29 @@ def run_all(args, work: Path) -> int:
         res["best"] = max(dists, key=lambda k: runs[k][0]["tokens_per_s"])
         res["speedup"] = res["runs"][res["best"]]["speedup"]
 
-    # fp32 reference of the first sequences, and the one-process profile
+    # the outside baseline, the fp32 reference of the first sequences, and the one-process profile
     n = min(args.check_sequences, args.sequences)
+    hf = None
+    if args.transformers_sequences > 0:
+        k = min(args.transformers_sequences, args.sequences)
+        try:
+            hf = hf_score(cfg, tokens, lengths, device, args.seed, torch.bfloat16, k, min(n, k))
+        except Exception as exc:    # an outside library's model: its failure is reported, the runs kept
+            res["transformers"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if hf is not None:
+        lp = hf.pop("token_logprobs")
+        hf["mfu"] = model_flops(cfg, lengths[:hf["sequences"]]) / (hf["elapsed_s"] * peak * 1e12)
+        for name, r in res["runs"].items():
+            hf.setdefault("runs_vs_it", {})[name] = r["tokens_per_s"] / hf["tokens_per_s"]
+        res["transformers"] = hf
     ref = fp32_reference(cfg, tokens[:n], lengths[:n], device, args.seed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     res["agreement"] = {name: agreement(d, ref, n, lengths) for name, (_, d) in runs.items()}
+    if hf is not None and hf["sequences"] >= n:
+        res["agreement"]["transformers, one process"] = agreement({"token_logprobs": lp}, ref, n, lengths)
     if device.type == "cuda":
         res["profile_single"] = profile_single(cfg, tokens, lengths, device, args.seed)
 

@@ -9,6 +9,7 @@ them (a route that flips at layer l, position t changes what later layers see at
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -195,6 +196,37 @@ def test_end_to_end_benchmark_procedure_on_cpu(tmp_path):
         assert 0 < r["first_result_s"] < r["elapsed_s"] and r["steady_tokens_per_s"] > 0
     md = next(tmp_path.glob("gpu_end_to_end_*.md")).read_text()
     assert "tokens/s past start-up" in md and "Agreement of the one process" in md
+    if importlib.util.find_spec("transformers") is not None:      # the outside baseline, and how runs compare
+        hf = res["transformers"]
+        assert hf["sequences"] == res["sequences"] and hf["tokens"] == res["sequences"] * res["seq_len"]
+        assert list(hf["runs_vs_it"]) == names and hf["tokens_per_s"] > 0
+        assert res["agreement"]["transformers, one process"]["logprob_abs_diff_mean"] < 0.05     # bf16 against fp32
+        assert "Against the baseline a user would pick" in md
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("shared", ["tiny's", "none"])
+def test_end_to_end_outside_baseline_holds_our_weights_on_cpu(shared):
+    """The end-to-end benchmark's transformers baseline is our seeded model: in fp32, its log-probs of
+    fresh random sequences (one of them shorter) match our fp32 run's at every position; with shared
+    experts, and without (the paper slice's case: transformers then builds them zero-wide)."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_e2e_agreement import fp32_reference
+    from gpu_e2e_transformers import hf_score
+    from gpu_end_to_end import slice_config
+
+    cfg = slice_config(small=True)
+    if shared == "none":
+        cfg = cfg.replace(n_shared_experts=0)
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, cfg.vocab_size, size=(3, 40))
+    lengths = np.array([40, 23, 40])
+    got = hf_score(cfg, tokens, lengths, torch.device("cpu"), 5, torch.float32, 3, 3)
+    ref = fp32_reference(cfg, tokens, lengths, torch.device("cpu"), 5)["token_logprobs"]
+    assert got["tokens"] == lengths.sum()
+    np.testing.assert_array_equal(np.isnan(got["token_logprobs"]), np.isnan(ref))
+    np.testing.assert_allclose(got["token_logprobs"], ref, atol=1e-4, equal_nan=True)
 
 
 def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_path):
