@@ -375,8 +375,7 @@ def run_all(args, work: Path) -> int:
     if hf is not None:
         lp = hf.pop("token_logprobs")
         hf["mfu"] = model_flops(cfg, lengths[:hf["sequences"]]) / (hf["elapsed_s"] * peak * 1e12)
-        for name, r in res["runs"].items():
-            hf.setdefault("runs_vs_it", {})[name] = r["tokens_per_s"] / hf["tokens_per_s"]
+        hf["runs_vs_it"] = {name: r["tokens_per_s"] / hf["tokens_per_s"] for name, r in res["runs"].items()}
         res["transformers"] = hf
     ref = fp32_reference(cfg, tokens[:n], lengths[:n], device, args.seed)
     if device.type == "cuda":

@@ -53,7 +53,7 @@ from mpi4py import MPI
 
 from .cuda_driver import Driver, current_stream_handle, stream_writes_problem
 from .exchange import exchange_pairs
-from .ipc_rings import FILLED, FREED, Mailboxes, RecvRing, SendRing
+from .ipc_rings import FILLED, FREED, Mailboxes, RecvRing, SendRing, filled_word
 from .ops import FROM_FRONT, REPLY_FROM, REPLY_TO, SEND_TO, Described, Op, OpExchange, OpReceive, OpSends, OpTransport
 from .peer_copy import SmCopy, sm_copy_threshold
 
@@ -334,7 +334,7 @@ class IPCTransport(OpTransport):
         words = []
         for op, slot in batch:
             op.ring.fills[slot] += 1
-            words.append((op.ring.filled[slot], (op.step + 1) << 32 | op.n))
+            words.append((op.ring.filled[slot], filled_word(op.step, op.n)))
             op.done, op.x = True, None
         d.write_values(stream, words)
 

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 FILLED, FREED = range(2)       # a mailbox's words
 
 
+def filled_word(step: int, rows: int) -> int:
+    """The ``filled`` word that announces ``step``'s message of ``rows`` rows (``RecvRing.find`` reads it)."""
+    return (step + 1) << 32 | rows
+
+
 class Mailboxes:
     """The node's mailboxes, (sender, receiver, slot, word) over node-local ranks, in one MPI
     shared-memory window (node rank 0's, page-aligned) that every process registers with CUDA."""
@@ -85,7 +90,7 @@ class SendRing:
         handle, 0 for none) has passed, then say so in the slot's mailbox, on this pair's stream."""
         tr, nbytes = self.tr, n * self.tr.row_bytes
         self.fills[slot] += 1
-        word = (step + 1) << 32 | n
+        word = filled_word(step, n)
         if not tr.cuda:
             start = slot * tr.slot_bytes
             self.remote[start:start + nbytes] = x[lo:lo + n].contiguous().view(-1).view(torch.uint8).numpy()
