@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import (RESULTS, card_slug, copy_bandwidth, environment, expert_roofline_ms,  # noqa: E402
-                        gpu_clocks, matmul_peak, md_table, median, time_ms, time_sustained, write_results)
+                        gpu_clocks, matmul_peak, median, time_ms, time_sustained, write_results)
+from cpu_common import md_table  # noqa: E402
 from moe_mpi.config import ModelConfig  # noqa: E402
 from moe_mpi.model import kernels  # noqa: E402
 from moe_mpi.model.weights import build_expert  # noqa: E402

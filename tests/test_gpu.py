@@ -153,6 +153,44 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
     assert md.read_text() == written
 
 
+def test_every_benchmark_script_imports():
+    """Each script under benchmarks/ imports on a CPU machine: most run only on the GPU machines, where
+    a name a refactor moved (gpu_expert_mlp.py's md_table, once) would fail the call and waste its
+    device time."""
+    names = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
+    probe = ("import importlib, sys, traceback\n"
+             "for name in sys.argv[1:]:\n"
+             "    try:\n"
+             "        importlib.import_module(name)\n"
+             "    except Exception:\n"
+             "        print(f'{name}: {traceback.format_exc(limit=1).strip().splitlines()[-1]}')\n")
+    proc = subprocess.run([sys.executable, "-c", probe, *names], capture_output=True, text=True, timeout=300,
+                          env=env(), cwd=REPO / "benchmarks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "", proc.stdout
+    assert len(names) > 20
+
+
+def test_expert_benchmark_procedure_on_cpu(tmp_path):
+    """benchmarks/gpu_expert_mlp.py --small on the CPU: every size's runtime row and the report, which
+    --render rebuilds from the JSON to the byte."""
+    script = REPO / "benchmarks" / "gpu_expert_mlp.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    md = next(tmp_path.glob("gpu_expert_mlp_*_small.md"))
+    data = json.loads(md.with_suffix(".json").read_text())
+    runtime = [r for r in data["rows"] if r["variant"] == "runtime"]
+    assert len(runtime) >= 5 and all(r["ms"] > 0 and r["roofline_ms"] > 0 for r in runtime)
+    assert data["checks_ok"]
+    written = md.read_text()
+    assert "| tokens | variant |" in written
+    rebuilt = subprocess.run([sys.executable, str(script), "--render", str(md.with_suffix(".json"))],
+                             capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert md.read_text() == written
+
+
 def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
     """Rank 0's log line: one GPU each; shared without MPS (with the hint); shared under MPS; a mix.
     The MPS check finds a daemon's control pipe where CUDA would look for it."""
