@@ -64,12 +64,50 @@ def micro_batch(front: int, step: int, n_rows: int, hidden: int, dtype, device) 
     return torch.randn(n_rows, hidden, generator=g).to(device=device, dtype=dtype)
 
 
+class HostClock:
+    """Host seconds a rank spent inside the transport's calls: ``post`` (dispatch, result, expect, the
+    joined take-out, reply) and ``poll`` (tests: the time a rank spends waiting for its peers goes here).
+    Only ``post`` is work the host must do per micro-batch."""
+    __slots__ = ("post", "poll")
+
+    def __init__(self):
+        self.post = self.poll = 0.0
+
+
+class DriverTimer:
+    """Host seconds and calls inside the IPC transport's CUDA driver calls (``--host-breakdown``): its
+    driver's methods wrapped, so the Python around them can be told from the calls themselves."""
+    METHODS = ("copy_async", "record", "wait", "write_value", "write_values", "launch", "new_event")
+
+    def __init__(self, driver):
+        self.seconds, self.calls, self.depth = 0.0, 0, 0
+        for name in self.METHODS:
+            setattr(driver, name, self._timed(getattr(driver, name)))
+
+    def _timed(self, fn):
+        def call(*a, **kw):
+            if self.depth:          # inside another timed call (write_values makes write_value's)
+                return fn(*a, **kw)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+                self.depth -= 1
+        return call
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+
 def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int], hidden, dtype, device,
-              in_flight: int, xs: dict | None, clock: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+              in_flight: int, xs: dict | None, clock: "HostClock") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """All micro-batches through every layer and back; returns each one's (rows back, rows sent), to
     be compared once the timing has stopped: the all-to-all baselines' loops make no check, and
     comparing in the loop cost the front's host three launches a micro-batch.  The host time inside
-    the transport's calls is added to clock[0]."""
+    the transport's calls is added to ``clock``: tests to ``poll``, the rest to ``post``."""
     offsets = [0]
     for r in rows:
         offsets.append(offsets[-1] + r)
@@ -81,16 +119,20 @@ def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int],
             x = xs[s] if xs is not None else micro_batch(front, s, offsets[-1], hidden, dtype, device)
             t0 = time.perf_counter()
             active[s] = [0, tr.dispatch(0, s, x, offsets), x]
-            clock[0] += time.perf_counter() - t0
+            clock.post += time.perf_counter() - t0
         for s in list(active):
             layer, h, x = active[s]
             t0 = time.perf_counter()
             done = h.test()
-            y = h.result() if done else None
-            if done and layer + 1 < layout.n_moe_layers:
+            t1 = time.perf_counter()
+            clock.poll += t1 - t0
+            if not done:
+                continue
+            y = h.result()
+            if layer + 1 < layout.n_moe_layers:
                 active[s] = [layer + 1, tr.dispatch(layer + 1, s, y, offsets), x]
-            clock[0] += time.perf_counter() - t0
-            if done and layer + 1 >= layout.n_moe_layers:
+            clock.post += time.perf_counter() - t1
+            if layer + 1 >= layout.n_moe_layers:
                 back.append((y, x))
                 del active[s]
     return back
@@ -100,39 +142,43 @@ def split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
     return list(x.split(counts))
 
 
-def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, depth: int, clock: list) -> None:
+def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, depth: int, clock: "HostClock") -> None:
     """As the runtime's expert loop, with no MLP: every front's rows joined into one tensor, split and
-    sent back."""
+    sent back.  Host time in the transport's calls goes to ``clock`` as ``run_front``'s does."""
     senders = list(range(layout.n_fronts))
     recvs, replies = {}, []
 
-    def timed(f, *a):
+    def timed(what, f, *a):
         t0 = time.perf_counter()
         out = f(*a)
-        clock[0] += time.perf_counter() - t0
+        setattr(clock, what, getattr(clock, what) + time.perf_counter() - t0)
         return out
 
     for s in range(min(depth, n_steps)):
-        recvs[s] = timed(tr.expect, layer, s, senders, [rows_cap] * len(senders))
+        recvs[s] = timed("post", tr.expect, layer, s, senders, [rows_cap] * len(senders))
     for s in range(n_steps):
         r = recvs.pop(s)
-        while not timed(r.test):
+        while not timed("poll", r.test):
             time.sleep(0)
-        replies.append(timed(lambda: tr.reply(layer, s, r.senders, split(*r.joined()))))
+        replies.append(timed("post", lambda: tr.reply(layer, s, r.senders, split(*r.joined()))))
         if s + depth < n_steps:
-            recvs[s + depth] = timed(tr.expect, layer, s + depth, senders, [rows_cap] * len(senders))
-        replies = [h for h in replies if not timed(h.test)]
+            recvs[s + depth] = timed("post", tr.expect, layer, s + depth, senders, [rows_cap] * len(senders))
+        replies = [h for h in replies if not timed("poll", h.test)]
     while replies:
-        replies = [h for h in replies if not timed(h.test)]
+        replies = [h for h in replies if not timed("poll", h.test)]
 
 
-def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device, steps_order, xs) -> tuple[float, int, float]:
-    """Seconds for every micro-batch (the slowest rank), micro-batches that came back wrong, and the
-    largest fraction of that time a rank's host spent inside the transport's calls."""
+def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device, steps_order, xs,
+                   timer: DriverTimer | None = None) -> tuple[float, int, float, dict]:
+    """Seconds for every micro-batch (the slowest rank), micro-batches that came back wrong, the
+    largest fraction of that time a rank's host spent inside the transport's calls, and each rank's
+    host microseconds a micro-batch: posting, polling and (with ``timer``) in driver calls."""
     rows = rows_for(tokens, args.top_k, layout.n_experts)
+    if timer is not None:
+        timer.reset()
     comms.world.Barrier()
     t0 = time.perf_counter()
-    back, clock = [], [0.0]
+    back, clock = [], HostClock()
     if role.kind == "front":
         back = run_front(tr, layout, role.front, steps_order, rows, hidden, dtype, device, args.in_flight, xs, clock)
     else:
@@ -141,7 +187,14 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
         torch.cuda.synchronize(device)
     elapsed = comms.world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
     bad = sum(int((y != x).any()) for y, x in back)     # every element of every micro-batch
-    return elapsed, comms.world.allreduce(bad, op=MPI.SUM), comms.world.allreduce(clock[0], op=MPI.MAX) / elapsed
+    n = len(steps_order)
+    mine = {"post": clock.post / n * 1e6, "poll": clock.poll / n * 1e6}
+    if timer is not None:
+        mine.update(driver=timer.seconds / n * 1e6, driver_calls=timer.calls / n)
+    per_rank = comms.world.allgather(mine)
+    host = {k: [r[k] for r in per_rank] for k in mine}
+    busiest = comms.world.allreduce(clock.post + clock.poll, op=MPI.MAX) / elapsed
+    return elapsed, comms.world.allreduce(bad, op=MPI.SUM), busiest, host
 
 
 def write_profile(prof: cProfile.Profile, path: Path, title: str) -> None:
@@ -183,6 +236,8 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--profile", metavar="DIR", help="run the timed repeats under cProfile and write each rank's "
                    "profile (by own and by cumulative time) to DIR/profile_<transport>_<tokens>_rank<r>.txt")
+    p.add_argument("--host-breakdown", action="store_true", help="also time the IPC transport's CUDA driver "
+                   "calls, to tell them from the Python around them in each rank's posting time")
     p.add_argument("--report", metavar="JSON", help="only rebuild the markdown of a results file (next to it)")
     args = p.parse_args()
     if args.report:
@@ -214,6 +269,9 @@ def main() -> int:
     max_rows = max(max(rows_for(int(t), args.top_k, layout.n_experts)) for t in args.tokens.split(","))
     transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device, max_rows, args.in_flight + 1)
                   for n in names}
+    # --host-breakdown: the IPC transport's driver calls timed (its CPU backend makes none)
+    timers = {n: DriverTimer(tr.driver) for n, tr in transports.items()
+              if args.host_breakdown and isinstance(tr, IPCTransport) and tr.driver is not None}
     groups = pair_groups(comms, layout, device, transports["nccl"]) if "nccl" in transports else None
     rank0 = world.Get_rank() == 0
     row_bytes = args.hidden * 2
@@ -232,18 +290,20 @@ def main() -> int:
         if role.kind == "front":
             xs = {s: micro_batch(role.front, s, sum(rows), args.hidden, dtype, device) for s in order}
         for name, tr in transports.items():
+            timer = timers.get(name)
             time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device,
-                           order if args.warm_up == len(order) else list(range(args.warm_up)), xs)  # warm-up
-            best, bad, host = float("inf"), 0, None
+                           order if args.warm_up == len(order) else list(range(args.warm_up)), xs, timer)  # warm-up
+            best, bad, host, per_mb = float("inf"), 0, None, None
             prof = cProfile.Profile() if args.profile else None
             for _ in range(args.repeats):
                 if prof:
                     prof.enable()
-                t, b, h = time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, order, xs)
+                t, b, h, u = time_transport(tr, comms, layout, role, args, tokens, args.hidden, dtype, device, order,
+                                            xs, timer)
                 if prof:
                     prof.disable()
                 if t < best:
-                    best, host = t, h
+                    best, host, per_mb = t, h, u
                 bad += b
             if prof:
                 write_profile(prof, Path(args.profile) / f"profile_{name}_{tokens}_rank{world.Get_rank()}.txt",
@@ -251,7 +311,7 @@ def main() -> int:
                               f"{args.repeats} repeats of {args.micro_batches} micro-batches, best {best * 1e3:.2f} ms")
             results.append({"transport": name, "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6,
                             "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad,
-                            "host_in_transport": host})
+                            "host_in_transport": host, "host_us_per_micro_batch": per_mb})
         if groups is not None:
             time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, args.warm_up)  # warm-up
             best, bad = float("inf"), 0

@@ -79,5 +79,37 @@ def report(data: dict) -> str:
           "of the NCCL transport costs one NCCL post on each side plus an MPI control message (and, "
           "towards a front, a go-ahead, so that no receive waits on a GPU that is computing), which is "
           "its distance from the point-to-point row, largest at small micro-batches.", "",
+          *host_breakdown(results, n_fronts, args["micro_batches"]),
           f"Environment: {env}; settings: {settings or 'defaults'}"]
     return "\n".join(md)
+
+
+def host_breakdown(results: list[dict], n_fronts: int, micro_batches: int) -> list[str]:
+    """Each rank's host microseconds a micro-batch inside the transports' calls, for the best repeat
+    (runs since 2026-11-28 record it): posting, the host work a micro-batch needs, against polling,
+    where a rank that waits for its peers spends the rest; with ``--host-breakdown``, the IPC
+    transport's driver calls within them."""
+    rows = []
+    for r in results:
+        per = r.get("host_us_per_micro_batch")
+        if not per:
+            continue
+        for rank, post in enumerate(per["post"]):
+            row = {"transport": r["transport"], "tokens": r["tokens"],
+                   "rank": f"{rank} ({'front' if rank < n_fronts else 'expert'})", "post": post,
+                   "poll": per["poll"][rank], "wall": r["seconds"] / micro_batches * 1e6}
+            if "driver" in per:
+                row.update(driver=per["driver"][rank], calls=per["driver_calls"][rank], python=post - per["driver"][rank])
+            rows.append(row)
+    if not rows:
+        return []
+    cols = [("transport", "transport", ""), ("tokens", "tokens", "d"), ("wall", "micro-batch, wall (us)", ".1f"),
+            ("rank", "rank", ""), ("post", "posting (us)", ".1f"), ("poll", "polling (us)", ".1f")]
+    if any("driver" in r for r in rows):
+        cols += [("driver", "of posting and polling: driver calls (us)", ".1f"), ("calls", "driver calls", ".1f"),
+                 ("python", "posting less driver calls (us)", ".1f")]
+    return ["Host time inside the transports' calls, microseconds a micro-batch, each rank, best repeat. "
+            "Posting: dispatch and result on a front; expect, the joined take-out and reply on an expert "
+            "(the work a micro-batch costs the host). Polling: tests, where a rank that waits for its peers "
+            "or its GPU spends the time (so 'busiest host in transport calls' near 1 does not by itself "
+            "mean a host is saturated).", "", md_table(rows, cols), ""]

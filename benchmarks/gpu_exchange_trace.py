@@ -148,7 +148,7 @@ def main() -> int:
         STAMPS.clear()
         COPIES.clear()
         t0 = now()
-        t, bad, host = time_transport(tr, comms, layout, role, args, args.tokens, args.hidden, torch.bfloat16,
+        t, bad, host, _ = time_transport(tr, comms, layout, role, args, args.tokens, args.hidden, torch.bfloat16,
                                       device, order, xs)
         runs.append({"t0": t0, "seconds": t, "bad": bad, "host": host})
     # the last stamped repeat's stamps; copy times on this rank's GPU (events synchronised by time_transport)

@@ -191,6 +191,36 @@ def test_expert_benchmark_procedure_on_cpu(tmp_path):
     assert md.read_text() == written
 
 
+def test_exchange_benchmark_driver_timer_passes_every_argument_through():
+    """--host-breakdown wraps the IPC transport's driver: each call reaches the driver with its
+    positional and keyword arguments (the copy kernel's launch passes rows=) and its result, and is
+    counted and timed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_exchange import DriverTimer
+
+    class Fake:
+        def __init__(self):
+            self.got = []
+
+        def __getattr__(self, name):
+            return lambda *a, **kw: self.got.append((name, a, kw)) or len(self.got)
+
+        def write_values(self, stream, words):      # as Driver's: one or two words through write_value
+            for address, value in words:
+                self.write_value(stream, address, value)
+
+    d = Fake()
+    timer = DriverTimer(d)
+    assert d.launch(1, 2, 3, 4, 5, rows=6) == 1 and d.copy_async(7, 8, 9, 10) == 2
+    assert d.got == [("launch", (1, 2, 3, 4, 5), {"rows": 6}), ("copy_async", (7, 8, 9, 10), {})]
+    assert timer.calls == 2 and timer.seconds >= 0
+    d.write_values(1, [(2, 3), (4, 5)])
+    assert d.got[2:] == [("write_value", (1, 2, 3), {}), ("write_value", (1, 4, 5), {})]
+    assert timer.calls == 3, "calls made inside another are counted with it"
+    timer.reset()
+    assert timer.calls == 0
+
+
 def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
     """Rank 0's log line: one GPU each; shared without MPS (with the hint); shared under MPS; a mix.
     The MPS check finds a daemon's control pipe where CUDA would look for it."""
