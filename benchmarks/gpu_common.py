@@ -143,6 +143,41 @@ def expert_weights(device: torch.device, seed: int = 0) -> tuple[torch.Tensor, t
     return w13, wd
 
 
+def cpu_now() -> int | None:
+    """The CPU this process last ran on (/proc/self/stat's field 39), None off Linux."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def numa_node(cpu: int | None) -> int | None:
+    """The NUMA node of a CPU, from sysfs (None where unknown)."""
+    if cpu is None:
+        return None
+    try:
+        names = os.listdir(f"/sys/devices/system/cpu/cpu{cpu}")
+    except OSError:
+        return None
+    return next((int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit()), None)
+
+
+def placement(device: torch.device, cpus_seen: set[int]) -> dict:
+    """Where a rank's host ran: the CPUs it may use, those it was seen on and their NUMA nodes, and on
+    a GPU the CPUs next to it (its PCI device's local_cpulist)."""
+    from moe_mpi.parallel.devices import format_cpulist, gpu_local_cpus
+
+    seen = {c for c in cpus_seen if c is not None}
+    out = {"allowed": format_cpulist(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+           "seen": format_cpulist(seen), "seen_numa": sorted({numa_node(c) for c in seen} - {None})}
+    if device.type == "cuda":
+        near = gpu_local_cpus(device)
+        out["gpu_near"] = format_cpulist(near) if near else None
+        out["gpu_numa"] = sorted({numa_node(c) for c in near} - {None}) if near else None
+    return out
+
+
 def write_results(out_dir: str | Path, stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, card_slug, environment, write_results  # noqa: E402
+from gpu_common import RESULTS, card_slug, cpu_now, environment, placement, write_results  # noqa: E402
 from gpu_exchange_baselines import PAIRS, pair_groups, post_overhead, rows_for, time_all_to_all, time_pairs  # noqa: E402
 from gpu_exchange_report import report  # noqa: E402
 from moe_mpi.parallel.devices import bind_device  # noqa: E402
@@ -62,6 +62,9 @@ def make_transport(name: str, comms: Communicators, layout: Layout, hidden: int,
 def micro_batch(front: int, step: int, n_rows: int, hidden: int, dtype, device) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(1000 * front + step)
     return torch.randn(n_rows, hidden, generator=g).to(device=device, dtype=dtype)
+
+
+CPUS_SEEN: set = set()      # the CPUs this rank's host was found on after its timed runs (placement)
 
 
 class HostClock:
@@ -191,6 +194,7 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
     mine = {"post": clock.post / n * 1e6, "poll": clock.poll / n * 1e6}
     if timer is not None:
         mine.update(driver=timer.seconds / n * 1e6, driver_calls=timer.calls / n)
+    CPUS_SEEN.add(cpu_now())
     per_rank = comms.world.allgather(mine)
     host = {k: [r[k] for r in per_rank] for k in mine}
     busiest = comms.world.allreduce(clock.post + clock.poll, op=MPI.MAX) / elapsed
@@ -338,13 +342,14 @@ def main() -> int:
                                                if r["tokens"] == tokens), flush=True)
 
     ok = all(not r["wrong_micro_batches"] for r in results)
+    where = comms.world.allgather(placement(device, CPUS_SEEN))
     overhead = post_overhead(transports["nccl"], groups, comms, layout, args.hidden, dtype, device) if "nccl" in transports else {}
     if rank0:
         env = environment(device)
         settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "MOE_MPI_"))}
         slug = card_slug(device)
         data = {"args": vars(args), "environment": env, "settings": settings, "layout": vars(layout),
-                "results": results, "post_overhead_us": overhead}
+                "results": results, "post_overhead_us": overhead, "placement": where}
         md = report(data)
         stem = f"gpu_exchange_{args.tag + '_' if args.tag else ''}{slug}" + ("_small" if args.small else "")
         paths = write_results(args.out, stem, md, data)

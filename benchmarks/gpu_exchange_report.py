@@ -80,6 +80,7 @@ def report(data: dict) -> str:
           "towards a front, a go-ahead, so that no receive waits on a GPU that is computing), which is "
           "its distance from the point-to-point row, largest at small micro-batches.", "",
           *host_breakdown(results, n_fronts, args["micro_batches"]),
+          *placement_lines(data.get("placement")),
           f"Environment: {env}; settings: {settings or 'defaults'}"]
     return "\n".join(md)
 
@@ -113,3 +114,16 @@ def host_breakdown(results: list[dict], n_fronts: int, micro_batches: int) -> li
             "(the work a micro-batch costs the host). Polling: tests, where a rank that waits for its peers "
             "or its GPU spends the time (so 'busiest host in transport calls' near 1 does not by itself "
             "mean a host is saturated).", "", md_table(rows, cols), ""]
+
+
+def placement_lines(where: list[dict] | None) -> list[str]:
+    """Where each rank's host ran (runs since 2026-11-28 record it)."""
+    if not where:
+        return []
+    parts = []
+    for rank, w in enumerate(where):
+        text = f"rank {rank}: CPUs allowed {w['allowed']}, seen on {w['seen'] or '?'} (NUMA {w['seen_numa'] or '?'})"
+        if w.get("gpu_near"):
+            text += f", its GPU's CPUs {w['gpu_near']} (NUMA {w['gpu_numa'] or '?'})"
+        parts.append(text)
+    return ["Placement of the hosts (after the timed runs): " + "; ".join(parts) + ".", ""]

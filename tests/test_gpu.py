@@ -221,6 +221,41 @@ def test_exchange_benchmark_driver_timer_passes_every_argument_through():
     assert timer.calls == 0
 
 
+def test_cpu_affinity_near_the_gpu(tmp_path, monkeypatch):
+    """MOE_MPI_CPU_AFFINITY=gpu keeps a rank on the CPUs of its GPU's NUMA node that it may use, read
+    from the GPU's PCI device in sysfs; unset or off leaves the launcher's binding; anything else is
+    refused by name."""
+    from types import SimpleNamespace
+
+    from moe_mpi.parallel import devices
+
+    assert devices.parse_cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert devices.format_cpulist({11, 0, 1, 2, 3, 8, 10}) == "0-3,8,10-11"
+    pci = tmp_path / "0000:1b:00.0"
+    pci.mkdir()
+    (pci / "local_cpulist").write_text("4-7,36-39\n")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(pci_bus_id=0x1b, pci_device_id=0, pci_domain_id=0))
+    gpu = torch.device("cuda", 0)
+    assert devices.gpu_local_cpus(gpu, sysfs=str(tmp_path)) == {4, 5, 6, 7, 36, 37, 38, 39}
+    assert devices.gpu_local_cpus(gpu, sysfs=str(tmp_path / "none")) is None
+    taken = []
+    monkeypatch.setattr(devices, "gpu_local_cpus", lambda d: {4, 5, 6, 7, 36, 37, 38, 39})
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: set(range(0, 38)), raising=False)
+    monkeypatch.setattr(devices.os, "sched_setaffinity", lambda pid, cpus: taken.append(set(cpus)), raising=False)
+    monkeypatch.delenv("MOE_MPI_CPU_AFFINITY", raising=False)
+    assert devices.pin_near_gpu(gpu) is None and taken == []
+    monkeypatch.setenv("MOE_MPI_CPU_AFFINITY", "off")
+    assert devices.pin_near_gpu(gpu) is None and taken == []
+    monkeypatch.setenv("MOE_MPI_CPU_AFFINITY", "GPU")
+    assert devices.pin_near_gpu(gpu) == "4-7,36-37" and taken == [{4, 5, 6, 7, 36, 37}]
+    monkeypatch.setattr(devices, "gpu_local_cpus", lambda d: None)      # nothing known: left alone
+    assert devices.pin_near_gpu(gpu) is None and len(taken) == 1
+    monkeypatch.setenv("MOE_MPI_CPU_AFFINITY", "numa")
+    with pytest.raises(ValueError, match="MOE_MPI_CPU_AFFINITY"):
+        devices.pin_near_gpu(gpu)
+
+
 def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
     """Rank 0's log line: one GPU each; shared without MPS (with the hint); shared under MPS; a mix.
     The MPS check finds a daemon's control pipe where CUDA would look for it."""

@@ -7,6 +7,7 @@ the GPU time-slices between them, or, under CUDA MPS, runs their kernels side by
 who shares which GPU and whether each rank found an MPS daemon.  To place roles on GPUs, give
 each group of ranks its own MOE_MPI_GPUS in an MPMD launch, e.g. the fronts on GPUs 0-1 and the experts
 on GPUs 2-3 (docs/gpu.md); unlike CUDA_VISIBLE_DEVICES this leaves every GPU visible to every rank.
+With MOE_MPI_CPU_AFFINITY=gpu each rank also keeps to the CPUs of its GPU's NUMA node (``pin_near_gpu``).
 """
 from __future__ import annotations
 
@@ -78,10 +79,73 @@ def bind_device(world, kind: str) -> torch.device:
     mine = usable_gpus(torch.cuda.device_count())
     device = torch.device("cuda", mine[lrank % len(mine)])
     torch.cuda.set_device(device)
+    pinned = pin_near_gpu(device)
     slots = world.allgather(slot_of(device))
+    pins = world.allgather(pinned)
     if rank == 0:
         log.info("%s", describe_sharing(slots))
+        if any(p is not None for p in pins):
+            log.info("CPU affinity (MOE_MPI_CPU_AFFINITY=gpu): %s",
+                     "; ".join(f"rank {r} CPUs {p}" for r, p in enumerate(pins) if p is not None))
     return device
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """A kernel CPU list ("0-15,32-47") as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def format_cpulist(cpus: set[int]) -> str:
+    """The inverse of ``parse_cpulist``: runs of CPUs as lo-hi."""
+    runs, out = sorted(cpus), []
+    for c in runs:
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+
+
+def gpu_local_cpus(device: torch.device, sysfs: str = "/sys/bus/pci/devices") -> set[int] | None:
+    """The CPUs of the NUMA node the GPU hangs off (its PCI device's ``local_cpulist``), None where the
+    kernel or torch does not say."""
+    props = torch.cuda.get_device_properties(device)
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is None:
+        return None
+    path = os.path.join(sysfs, f"{getattr(props, 'pci_domain_id', 0):04x}:{bus:02x}:"
+                               f"{getattr(props, 'pci_device_id', 0):02x}.0", "local_cpulist")
+    try:
+        with open(path) as f:
+            return parse_cpulist(f.read()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def pin_near_gpu(device: torch.device) -> str | None:
+    """With MOE_MPI_CPU_AFFINITY=gpu, keep this process on the CPUs next to its GPU (those of the GPU's
+    NUMA node that it may use): a rank's host makes a dozen driver calls and reads mailbox words per
+    message, each slower from the far socket.  Returns the CPU list taken, or None (the setting off,
+    or nothing to take).  ``off`` or unset leaves the launcher's binding alone."""
+    how = os.environ.get("MOE_MPI_CPU_AFFINITY", "").strip().lower()
+    if how in ("", "off"):
+        return None
+    if how != "gpu":
+        raise ValueError(f"MOE_MPI_CPU_AFFINITY must be 'gpu' or 'off', got {how!r}")
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    near = gpu_local_cpus(device)
+    allowed = os.sched_getaffinity(0)
+    take = (near or set()) & allowed
+    if not take or take == allowed:
+        return None
+    os.sched_setaffinity(0, take)
+    return format_cpulist(take)
 
 
 def usable_gpus(n_visible: int) -> list[int]:
