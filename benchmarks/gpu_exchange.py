@@ -141,13 +141,9 @@ def run_front(tr, layout: Layout, front: int, steps: list[int], rows: list[int],
     return back
 
 
-def split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    return list(x.split(counts))
-
-
 def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, depth: int, clock: "HostClock") -> None:
-    """As the runtime's expert loop, with no MLP: every front's rows joined into one tensor, split and
-    sent back.  Host time in the transport's calls goes to ``clock`` as ``run_front``'s does."""
+    """As the runtime's expert loop, with no MLP: every front's rows joined into one tensor and each
+    front's part sent back.  Host time in the transport's calls goes to ``clock`` as ``run_front``'s does."""
     senders = list(range(layout.n_fronts))
     recvs, replies = {}, []
 
@@ -163,7 +159,7 @@ def run_expert(tr, layout: Layout, layer: int, n_steps: int, rows_cap: int, dept
         r = recvs.pop(s)
         while not timed("poll", r.test):
             time.sleep(0)
-        replies.append(timed("post", lambda: tr.reply(layer, s, r.senders, split(*r.joined()))))
+        replies.append(timed("post", lambda: tr.reply_rows(layer, s, r.senders, *r.joined())))
         if s + depth < n_steps:
             recvs[s + depth] = timed("post", tr.expect, layer, s + depth, senders, [rows_cap] * len(senders))
         replies = [h for h in replies if not timed("poll", h.test)]

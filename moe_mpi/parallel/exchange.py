@@ -262,6 +262,11 @@ class MPITransport:
         return reqs
 
 
+    def reply_rows(self, layer: int, step: int, senders: list[int], y: torch.Tensor, counts: list[int]) -> Requests:
+        """``reply`` with every sender's rows in one tensor, ``counts[i]`` rows for ``senders[i]``."""
+        return self.reply(layer, step, senders, list(y.split(counts)))
+
+
 TRANSPORTS = ("auto", "mpi", "mpi-staged", "nccl", "ipc")
 
 

@@ -288,6 +288,16 @@ class IPCTransport(OpTransport):
         self._post(sends, None)
         return OpSends(self, sends)
 
+    def _reply_rows(self, layer: int, step: int, senders: list[int], y: torch.Tensor, counts: list[int]) -> OpSends:
+        """``_reply`` by address: each front's rows of y, without a tensor of their own (an expert
+        replies every step, and splitting y costs its host microseconds a view)."""
+        comm, y, lo, sends = self.comms[layer], y.contiguous(), 0, []
+        for front, n in zip(senders, counts):
+            sends.append(IpcSend(self, comm, front, step, y, Described(REPLY_TO, front, step), lo=lo, n=n))
+            lo += n
+        self._post(sends, None)
+        return OpSends(self, sends)
+
     def _post(self, sends: list[IpcSend], ready) -> None:
         """Start the sends of one dispatch or reply.  Those whose peer has a free slot and whose copy
         goes by the kernel go together: one wait for their rows, one launch and their mailbox words

@@ -281,6 +281,15 @@ class OpTransport:
         with self.lock:
             return self._reply(layer, step, senders, ys)
 
+    def reply_rows(self, layer: int, step: int, senders: list[int], y: torch.Tensor, counts: list[int]) -> OpSends:
+        """``reply`` with every sender's rows in one tensor, ``counts[i]`` rows for ``senders[i]`` in
+        order (as ``joined`` gave them)."""
+        with self.lock:
+            return self._reply_rows(layer, step, senders, y, counts)
+
+    def _reply_rows(self, layer: int, step: int, senders: list[int], y: torch.Tensor, counts: list[int]) -> OpSends:
+        return self._reply(layer, step, senders, list(y.split(counts)))
+
     def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
         comm = self.comms[layer]
         ops = [self._start(self.channel(comm, front).send(

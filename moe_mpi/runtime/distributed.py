@@ -355,10 +355,9 @@ def run_expert(ctx: Context) -> None:
                 x, counts = recv.joined()       # every front's rows, one tensor
                 span["rows"] = sum(counts)
                 y = mlp(x) if x.shape[0] else x
-                ys = list(y.split(counts)) if counts else []
             ctx.rec.rows_in += sum(counts)
             with ctx.rec.span(f"reply step {step}", "send", step=step):
-                replies.append(ctx.transport.reply(role.layer, step, recv.senders, ys))
+                replies.append(ctx.transport.reply_rows(role.layer, step, recv.senders, y, counts))
             if i + depth < len(steps):
                 post(steps[i + depth])
             while replies and replies[0].test():
