@@ -276,9 +276,15 @@ class IPCTransport(OpTransport):
         return IpcExchange(self, sends + recvs, recvs, y_ND)
 
     def _expect(self, layer: int, step: int, senders: list[int], capacities: list[int]) -> OpReceive:
+        """An expert's receives for a step.  It takes steps in order, so each front's receives form an
+        ordered queue (``Op.order``): a pass looks for the earliest step's message only, not for each
+        of the several steps posted ahead (each look reads the ring's mailbox words)."""
         comm = self.comms[layer]
-        ops = [self._start(IpcRecv(self, comm, front, step, None, cap, Described(FROM_FRONT, front, step)))
-               for front, cap in zip(senders, capacities)]
+        ops = []
+        for front, cap in zip(senders, capacities):
+            op = IpcRecv(self, comm, front, step, None, cap, Described(FROM_FRONT, front, step))
+            op.order = ("from", id(comm), front)
+            ops.append(self._start(op))
         return IpcReceive(self, ops, senders)
 
     def _reply(self, layer: int, step: int, senders: list[int], ys: list[torch.Tensor]) -> OpSends:
