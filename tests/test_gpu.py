@@ -256,6 +256,23 @@ def test_cpu_affinity_near_the_gpu(tmp_path, monkeypatch):
         devices.pin_near_gpu(gpu)
 
 
+def test_ipc_host_model_counts_the_driver_calls_of_a_micro_batch(tmp_path):
+    """benchmarks/ipc_host_model.py runs the IPC transport's CUDA path on CPUs with the driver stubbed.
+    A front with two experts makes 11 driver calls a micro-batch by the copy engines: one ready event,
+    a wait, a copy and a mailbox word per send, a copy and a hand-back word per reply taken out; an
+    expert with two fronts as many (one copy and one word per message taken out; the event, and a
+    wait, copy and word per reply).  A change that adds a call per message shows here."""
+    out = tmp_path / "model.json"
+    cmd = mpi_python(4, REPO / "benchmarks" / "ipc_host_model.py", "--steps", 60, "--warm-up", 10, "--hidden", 64,
+                     "--tokens", 8, "--out", out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert res["front"]["driver_calls"] == 11 and res["expert"]["driver_calls"] == 11
+    assert set(res["front"]["us"]) == {"dispatch", "test", "result"}
+    assert all(v > 0 for role in res.values() for v in role["us"].values())
+
+
 def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
     """Rank 0's log line: one GPU each; shared without MPS (with the hint); shared under MPS; a mix.
     The MPS check finds a daemon's control pipe where CUDA would look for it."""
