@@ -10,7 +10,9 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -141,6 +143,39 @@ def expert_weights(device: torch.device, seed: int = 0) -> tuple[torch.Tensor, t
     w13 = (torch.randn(2 * Fh, D, device=device) * 0.02).to(torch.bfloat16)
     wd = (torch.randn(D, Fh, device=device) * 0.02).to(torch.bfloat16)
     return w13, wd
+
+
+def mpi_main(main) -> int:
+    """Run an mpiexec-launched benchmark's ``main``; on an error, print its traceback and MPI_Abort the
+    job at once.  Left to ``python -m mpi4py`` and the interpreter's exit, a rank that raised after
+    torch's ``init_process_group`` printed its traceback and the job then hung until the launcher's
+    timeout (a device call of 2026-11-28 lost minutes that way), and the other ranks of a benchmark
+    wait for their peers with no deadline of their own."""
+    try:
+        return main()
+    except SystemExit:
+        raise
+    except BaseException:
+        from mpi4py import MPI
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        time.sleep(0.5)         # the launcher stops forwarding stderr once the abort reaches it
+        MPI.COMM_WORLD.Abort(1)
+        return 1
+
+
+def inject_fault(rank: int) -> None:
+    """For the tests: raise here on the rank that MOE_MPI_INJECT_FAULT_RANK names, having first
+    registered an exit hook that waits for the peers, as torch's process-group teardown waits on
+    NCCL's (on CPUs, with gloo, there is no such wait to reproduce the hang ``mpi_main`` prevents)."""
+    if os.environ.get("MOE_MPI_INJECT_FAULT_RANK") == str(rank):
+        import atexit
+
+        from mpi4py import MPI
+
+        atexit.register(MPI.COMM_WORLD.Barrier)
+        raise RuntimeError(f"injected fault on rank {rank} (MOE_MPI_INJECT_FAULT_RANK)")
 
 
 def cpu_now() -> int | None:

@@ -32,7 +32,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import RESULTS, card_slug, cpu_now, environment, placement, write_results  # noqa: E402
+from gpu_common import RESULTS, card_slug, cpu_now, environment, inject_fault, mpi_main, placement, write_results  # noqa: E402
 from gpu_exchange_baselines import PAIRS, pair_groups, post_overhead, rows_for, time_all_to_all, time_pairs  # noqa: E402
 from gpu_exchange_report import report  # noqa: E402
 from moe_mpi.parallel.devices import bind_device  # noqa: E402
@@ -41,6 +41,9 @@ from moe_mpi.parallel.ipc import IPCTransport  # noqa: E402
 from moe_mpi.parallel.staged import StagedTransport  # noqa: E402
 from moe_mpi.parallel.nccl import NCCLTransport, init_process_group  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
+
+
+TRANSPORTS = ("ipc", "mpi", "mpi-staged", "nccl")
 
 
 def make_transport(name: str, comms: Communicators, layout: Layout, hidden: int, dtype, device,
@@ -176,6 +179,7 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
     if timer is not None:
         timer.reset()
     comms.world.Barrier()
+    inject_fault(comms.world.Get_rank())        # (the others are in their loops, waiting on this rank)
     t0 = time.perf_counter()
     back, clock = [], HostClock()
     if role.kind == "front":
@@ -265,6 +269,12 @@ def main() -> int:
         names = (["mpi"] if device.type == "cpu" or mpi_cuda_aware() else []) + ["mpi-staged", "nccl", "ipc"]
     else:
         names = args.transports.split(",")
+        unknown = [n for n in names if n not in TRANSPORTS]
+        if unknown:
+            if world.Get_rank() == 0:
+                print(f"--transports: no transport {unknown[0]!r} (choose from {', '.join(TRANSPORTS)})",
+                      file=sys.stderr)
+            return 2
     args.warm_up = min(args.micro_batches, args.micro_batches if args.warm_up is None else args.warm_up)
     max_rows = max(max(rows_for(int(t), args.top_k, layout.n_experts)) for t in args.tokens.split(","))
     transports = {n: make_transport(n, comms, layout, args.hidden, dtype, device, max_rows, args.in_flight + 1)
@@ -356,4 +366,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mpi_main(main))

@@ -23,6 +23,7 @@ from mpi4py import MPI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_common import mpi_main  # noqa: E402
 from gpu_exchange import make_transport, time_transport  # noqa: E402
 from gpu_exchange_baselines import rows_for  # noqa: E402
 from moe_mpi.parallel import ipc  # noqa: E402
@@ -217,4 +218,4 @@ def summary(ranks: list[dict], args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mpi_main(main))

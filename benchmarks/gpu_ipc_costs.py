@@ -14,7 +14,9 @@ import torch
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_common import mpi_main  # noqa: E402
 from moe_mpi.parallel.cuda_driver import Driver  # noqa: E402
 from moe_mpi.parallel.peer_copy import SmCopy  # noqa: E402
 
@@ -113,4 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mpi_main(main))

@@ -30,7 +30,9 @@ import torch
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_common import mpi_main  # noqa: E402
 from moe_mpi.parallel import ipc  # noqa: E402
 from moe_mpi.parallel.ipc_rings import FILLED, FREED, filled_word  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
@@ -195,4 +197,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mpi_main(main))

@@ -273,6 +273,26 @@ def test_ipc_host_model_counts_the_driver_calls_of_a_micro_batch(tmp_path):
     assert all(v > 0 for role in res.values() for v in role["us"].values())
 
 
+def test_exchange_benchmark_rank_that_fails_ends_the_job_at_once(tmp_path):
+    """A rank of an MPI-launched benchmark that raises ends the job with its traceback and a non-zero
+    status, even where an exit hook would wait for the peers (as torch's NCCL teardown does; the
+    injected fault registers one): the device call that found this hung until its timeout."""
+    run_env = dict(env(), MOE_MPI_INJECT_FAULT_RANK="2")
+    cmd = mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--device", "cpu", "--small", "--transports", "ipc",
+                     "--out", tmp_path)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=run_env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job hung after a rank raised")
+    assert proc.returncode != 0
+    assert "injected fault on rank 2" in proc.stderr
+    assert not list(tmp_path.glob("*.json"))
+    bad = subprocess.run(mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--device", "cpu", "--small",
+                                    "--transports", "ipc,nope", "--out", tmp_path),
+                         capture_output=True, text=True, timeout=90, env=env(), cwd=REPO)
+    assert bad.returncode == 2 and "no transport 'nope'" in bad.stderr
+
+
 def test_gpu_sharing_report_says_who_shares_and_who_runs_under_mps(tmp_path, monkeypatch):
     """Rank 0's log line: one GPU each; shared without MPS (with the hint); shared under MPS; a mix.
     The MPS check finds a daemon's control pipe where CUDA would look for it."""
