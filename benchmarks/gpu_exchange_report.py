@@ -70,7 +70,8 @@ def report(data: dict) -> str:
              "added up on the device, read at the end") + "). "
           "'busiest host in transport calls': the largest fraction of the "
           "time that one rank's host spent inside the transport's calls (posting, testing, taking "
-          "results), for the best repeat; near 1, that rank's host sets the pace.", "",
+          "results), for the best repeat; it counts the tests a waiting rank spins in, so near 1 it does "
+          "not by itself say that a host sets the pace (runs since 2026-11-28 split it below).", "",
           md_table(results, cols), "", *([verdict(results), ""] if verdict(results) else []),
           "Host time to post one operation (mean of 200, microseconds): "
           + (", ".join(f"{k} {v:.1f}" for k, v in overhead.items()) or "not measured") + " (`nccl_*`: "
