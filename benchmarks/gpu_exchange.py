@@ -67,9 +67,6 @@ def micro_batch(front: int, step: int, n_rows: int, hidden: int, dtype, device) 
     return torch.randn(n_rows, hidden, generator=g).to(device=device, dtype=dtype)
 
 
-CPUS_SEEN: set = set()      # the CPUs this rank's host was found on after its timed runs (placement)
-
-
 class HostClock:
     """Host seconds a rank spent inside the transport's calls: ``post`` (dispatch, result, expect, the
     joined take-out, reply) and ``poll`` (tests: the time a rank spends waiting for its peers goes here).
@@ -194,7 +191,6 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
     mine = {"post": clock.post / n * 1e6, "poll": clock.poll / n * 1e6}
     if timer is not None:
         mine.update(driver=timer.seconds / n * 1e6, driver_calls=timer.calls / n)
-    CPUS_SEEN.add(cpu_now())
     per_rank = comms.world.allgather(mine)
     host = {k: [r[k] for r in per_rank] for k in mine}
     busiest = comms.world.allreduce(clock.post + clock.poll, op=MPI.MAX) / elapsed
@@ -285,6 +281,7 @@ def main() -> int:
     groups = pair_groups(comms, layout, device, transports["nccl"]) if "nccl" in transports else None
     rank0 = world.Get_rank() == 0
     row_bytes = args.hidden * 2
+    cpus_seen = set()       # the CPUs this rank's host was found on after its timed runs (placement)
     results = []
     for tokens in map(int, args.tokens.split(",")):
         rows = rows_for(tokens, args.top_k, layout.n_experts)
@@ -315,6 +312,7 @@ def main() -> int:
                 if t < best:
                     best, host, per_mb = t, h, u
                 bad += b
+                cpus_seen.add(cpu_now())
             if prof:
                 write_profile(prof, Path(args.profile) / f"profile_{name}_{tokens}_rank{world.Get_rank()}.txt",
                               f"rank {world.Get_rank()} ({role.kind}), {name}, {tokens} tokens, "
@@ -348,7 +346,7 @@ def main() -> int:
                                                if r["tokens"] == tokens), flush=True)
 
     ok = all(not r["wrong_micro_batches"] for r in results)
-    where = comms.world.allgather(placement(device, CPUS_SEEN))
+    where = comms.world.allgather(placement(device, cpus_seen))
     overhead = post_overhead(transports["nccl"], groups, comms, layout, args.hidden, dtype, device) if "nccl" in transports else {}
     if rank0:
         env = environment(device)

@@ -42,6 +42,14 @@ def mpi_command(n: int, *args) -> list[str]:
     return [MPIEXEC, *MPIEXEC_ARGS, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "moe_mpi", *map(str, args)]
 
 
+def mpi_python(n: int, *args) -> list[str]:
+    """`mpiexec -n N python -m mpi4py ARGS`: a script or ``-m module`` under abort-on-error semantics
+    (the caller runs it with a timeout)."""
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found")
+    return [MPIEXEC, *MPIEXEC_ARGS, "-n", str(n), sys.executable, "-m", "mpi4py", *map(str, args)]
+
+
 def mpirun(n: int, *args, timeout: float = LAUNCH_TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
     """`mpiexec -n N python -m mpi4py -m moe_mpi ARGS` with a timeout: a deadlock fails, never hangs CI.
     `python -m mpi4py` aborts the whole job when any rank dies with an unhandled exception."""

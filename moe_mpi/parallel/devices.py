@@ -102,8 +102,8 @@ def parse_cpulist(text: str) -> set[int]:
 
 def format_cpulist(cpus: set[int]) -> str:
     """The inverse of ``parse_cpulist``: runs of CPUs as lo-hi."""
-    runs, out = sorted(cpus), []
-    for c in runs:
+    out: list[list[int]] = []      # [first, last] of each run
+    for c in sorted(cpus):
         if out and out[-1][1] == c - 1:
             out[-1][1] = c
         else:

@@ -261,7 +261,6 @@ class MPITransport:
             reqs.add(comm.Isend([buf, MPI.BYTE], dest=front, tag=tag), buf, f"reply to front {front}")
         return reqs
 
-
     def reply_rows(self, layer: int, step: int, senders: list[int], y: torch.Tensor, counts: list[int]) -> Requests:
         """``reply`` with every sender's rows in one tensor, ``counts[i]`` rows for ``senders[i]``."""
         return self.reply(layer, step, senders, list(y.split(counts)))

@@ -1,0 +1,228 @@
+"""The benchmark scripts on CPUs: each GPU benchmark's procedure (its `--small` run, its report rebuilt
+from its JSON, its pieces against hand-worked numbers or an independent reference), so that a broken
+script fails here rather than in a device call, where time is scarce."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, env, mpi_python
+
+
+def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
+    """benchmarks/gpu_exchange.py --small: every transport's round trips, dispatched out of order,
+    two MoE layers."""
+    run_env = dict(env(), MOE_MPI_STAGE_CHUNK_MB="0.002", MOE_MPI_TEST_CPU_GPUS="4")
+    cmd = mpi_python(6, REPO / "benchmarks" / "gpu_exchange.py", "--device", "cpu", "--small", "--layers", 2,
+                     "--shuffle", "--out", tmp_path)
+    proc = subprocess.run(cmd,
+                          capture_output=True, text=True, timeout=240, env=run_env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "round trips all correct" in proc.stdout
+    # the markdown is a function of the JSON: --report rebuilds it to the byte
+    md = next(tmp_path.glob("gpu_exchange_*_small.md"))
+    written = md.read_text()
+    assert "NCCL point-to-point, no control plane" in written
+    rebuilt = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_exchange.py"), "--report",
+                              str(md.with_suffix(".json"))], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert md.read_text() == written
+
+
+def test_every_benchmark_script_imports():
+    """Each script under benchmarks/ imports on a CPU machine: most run only on the GPU machines, where
+    a name a refactor moved (gpu_expert_mlp.py's md_table, once) would fail the call and waste its
+    device time."""
+    names = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
+    probe = ("import importlib, sys, traceback\n"
+             "for name in sys.argv[1:]:\n"
+             "    try:\n"
+             "        importlib.import_module(name)\n"
+             "    except Exception:\n"
+             "        print(f'{name}: {traceback.format_exc(limit=1).strip().splitlines()[-1]}')\n")
+    proc = subprocess.run([sys.executable, "-c", probe, *names], capture_output=True, text=True, timeout=300,
+                          env=env(), cwd=REPO / "benchmarks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "", proc.stdout
+    assert len(names) > 20
+
+
+def test_expert_benchmark_procedure_on_cpu(tmp_path):
+    """benchmarks/gpu_expert_mlp.py --small on the CPU: every size's runtime row and the report, which
+    --render rebuilds from the JSON to the byte."""
+    script = REPO / "benchmarks" / "gpu_expert_mlp.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--small", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    md = next(tmp_path.glob("gpu_expert_mlp_*_small.md"))
+    data = json.loads(md.with_suffix(".json").read_text())
+    runtime = [r for r in data["rows"] if r["variant"] == "runtime"]
+    assert len(runtime) >= 5 and all(r["ms"] > 0 and r["roofline_ms"] > 0 for r in runtime)
+    assert data["checks_ok"]
+    written = md.read_text()
+    assert "| tokens | variant |" in written
+    rebuilt = subprocess.run([sys.executable, str(script), "--render", str(md.with_suffix(".json"))],
+                             capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert md.read_text() == written
+
+
+def test_exchange_benchmark_driver_timer_passes_every_argument_through():
+    """--host-breakdown wraps the IPC transport's driver: each call reaches the driver with its
+    positional and keyword arguments (the copy kernel's launch passes rows=) and its result, and is
+    counted and timed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_exchange import DriverTimer
+
+    class Fake:
+        def __init__(self):
+            self.got = []
+
+        def __getattr__(self, name):
+            return lambda *a, **kw: self.got.append((name, a, kw)) or len(self.got)
+
+        def write_values(self, stream, words):      # as Driver's: one or two words through write_value
+            for address, value in words:
+                self.write_value(stream, address, value)
+
+    d = Fake()
+    timer = DriverTimer(d)
+    assert d.launch(1, 2, 3, 4, 5, rows=6) == 1 and d.copy_async(7, 8, 9, 10) == 2
+    assert d.got == [("launch", (1, 2, 3, 4, 5), {"rows": 6}), ("copy_async", (7, 8, 9, 10), {})]
+    assert timer.calls == 2 and timer.seconds >= 0
+    d.write_values(1, [(2, 3), (4, 5)])
+    assert d.got[2:] == [("write_value", (1, 2, 3), {}), ("write_value", (1, 4, 5), {})]
+    assert timer.calls == 3, "calls made inside another are counted with it"
+    timer.reset()
+    assert timer.calls == 0
+
+
+def test_ipc_host_model_counts_the_driver_calls_of_a_micro_batch(tmp_path):
+    """benchmarks/ipc_host_model.py runs the IPC transport's CUDA path on CPUs with the driver stubbed.
+    A front with two experts makes 11 driver calls a micro-batch by the copy engines: one ready event,
+    a wait, a copy and a mailbox word per send, a copy and a hand-back word per reply taken out; an
+    expert with two fronts as many (one copy and one word per message taken out; the event, and a
+    wait, copy and word per reply).  A change that adds a call per message shows here."""
+    out = tmp_path / "model.json"
+    cmd = mpi_python(4, REPO / "benchmarks" / "ipc_host_model.py", "--steps", 60, "--warm-up", 10, "--hidden", 64,
+                     "--tokens", 8, "--out", out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert res["front"]["driver_calls"] == 11 and res["expert"]["driver_calls"] == 11
+    assert set(res["front"]["us"]) == {"dispatch", "test", "result"}
+    assert all(v > 0 for role in res.values() for v in role["us"].values())
+
+
+def test_exchange_benchmark_rank_that_fails_ends_the_job_at_once(tmp_path):
+    """A rank of an MPI-launched benchmark that raises ends the job with its traceback and a non-zero
+    status, even where an exit hook would wait for the peers (as torch's NCCL teardown does; the
+    injected fault registers one): the device call that found this hung until its timeout."""
+    run_env = dict(env(), MOE_MPI_INJECT_FAULT_RANK="2")
+    cmd = mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--device", "cpu", "--small", "--transports", "ipc",
+                     "--out", tmp_path)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=run_env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job hung after a rank raised")
+    assert proc.returncode != 0
+    assert "injected fault on rank 2" in proc.stderr
+    assert not list(tmp_path.glob("*.json"))
+    bad = subprocess.run(mpi_python(4, REPO / "benchmarks" / "gpu_exchange.py", "--device", "cpu", "--small",
+                                    "--transports", "ipc,nope", "--out", tmp_path),
+                         capture_output=True, text=True, timeout=90, env=env(), cwd=REPO)
+    assert bad.returncode == 2 and "no transport 'nope'" in bad.stderr
+
+
+def test_end_to_end_benchmark_procedure_on_cpu(tmp_path):
+    """benchmarks/gpu_end_to_end.py --small on CPU processes (device time is scarce: a broken script
+    would waste it): two layouts, one repeated under its own name with an environment variable set, the
+    one-process run, the report with the start-up columns, the agreement with fp32."""
+    cmd = [sys.executable, REPO / "benchmarks" / "gpu_end_to_end.py", "--device", "cpu", "--small",
+           "--variants", "fronts=1;fronts=1,rep=2,MOE_MPI_TEST_MARK=1", "--out", tmp_path, "--work", tmp_path / "w"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=400, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "env MOE_MPI_PROGRESS_THREAD=0 MOE_MPI_TEST_MARK=1" in proc.stdout
+    res = json.loads(next(tmp_path.glob("gpu_end_to_end_*.json")).read_text())
+    names = ["distributed, 1 fronts", "distributed, 1 fronts, MOE_MPI_TEST_MARK=1, repeat 2", "one process"]
+    assert list(res["runs"]) == names
+    for name in names[:2]:
+        r = res["runs"][name]
+        assert r["tokens"] == res["sequences"] * res["seq_len"]
+        assert 0 < r["first_result_s"] < r["elapsed_s"] and r["steady_tokens_per_s"] > 0
+    md = next(tmp_path.glob("gpu_end_to_end_*.md")).read_text()
+    assert "tokens/s past start-up" in md and "Agreement of the one process" in md
+    if importlib.util.find_spec("transformers") is not None:      # the outside baseline, and how runs compare
+        hf = res["transformers"]
+        assert hf["sequences"] == res["sequences"] and hf["tokens"] == res["sequences"] * res["seq_len"]
+        assert list(hf["runs_vs_it"]) == names and hf["tokens_per_s"] > 0
+        assert res["agreement"]["transformers, one process"]["logprob_abs_diff_mean"] < 0.05     # bf16 against fp32
+        assert "Against the baseline a user would pick" in md
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("shared", ["tiny's", "none"])
+def test_end_to_end_outside_baseline_holds_our_weights_on_cpu(shared):
+    """The end-to-end benchmark's transformers baseline is our seeded model: in fp32, its log-probs of
+    fresh random sequences (one of them shorter) match our fp32 run's at every position; with shared
+    experts, and without (the paper slice's case: transformers then builds them zero-wide)."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_e2e_agreement import fp32_reference
+    from gpu_e2e_transformers import hf_score
+    from gpu_end_to_end import slice_config
+
+    cfg = slice_config(small=True)
+    if shared == "none":
+        cfg = cfg.replace(n_shared_experts=0)
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, cfg.vocab_size, size=(3, 40))
+    lengths = np.array([40, 23, 40])
+    got = hf_score(cfg, tokens, lengths, torch.device("cpu"), 5, torch.float32, 3, 3)
+    ref = fp32_reference(cfg, tokens, lengths, torch.device("cpu"), 5)["token_logprobs"]
+    assert got["tokens"] == lengths.sum()
+    np.testing.assert_array_equal(np.isnan(got["token_logprobs"]), np.isnan(ref))
+    np.testing.assert_allclose(got["token_logprobs"], ref, atol=1e-4, equal_nan=True)
+
+
+def test_end_to_end_benchmark_reads_start_up_and_rate_past_it_from_a_trace(tmp_path):
+    """gpu_e2e_trace.steady_state on a made-up trace, against hand-worked numbers: 8 writes ending at
+    2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5 s after the first span began, the sixth carrying 2 sequences;
+    the last three quarters are the writes after the second (index 2, at 3.0 s): 6 sequences in 3.5 s."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_e2e_trace import steady_state
+
+    ends = [2.0, 2.5, 3.0, 4.5, 5.0, 5.5, 6.0, 6.5]
+    t0 = 1_000_000.0     # trace clocks need not start at 0
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "front 0"}},
+              {"name": "compute mb0", "ph": "X", "pid": 0, "ts": t0, "dur": 5e5, "cat": "compute"}]
+    events += [{"name": "write", "ph": "X", "pid": 0, "ts": t0 + 1e6 * e - 100.0, "dur": 100.0, "cat": "io",
+                "args": {"sequences": 2 if i == 5 else 1}} for i, e in enumerate(ends)]
+    # front 0 within the window (3.0 s to 6.5 s): 0.5 s of a wait from 2.5 s to 3.5 s, the last five
+    # writes' 100 us each of io, and two of the four micro-batches it took up (read at 3.2 and 4.0 s)
+    events += [{"name": "wait", "ph": "X", "pid": 0, "ts": t0 + 2.5e6, "dur": 1e6, "cat": "wait"}]
+    events += [{"name": f"read mb{i}", "ph": "X", "pid": 0, "ts": t0 + 1e6 * at, "dur": 0.0, "cat": "io"}
+               for i, at in enumerate([1.0, 3.2, 4.0, 6.6])]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    got = steady_state(path, seq_len=2048)
+    assert got["writes"] == 8
+    assert got["first_result_s"] == pytest.approx(2.0)
+    assert got["longest_pause_s"] == pytest.approx(1.5)
+    assert got["steady_tokens_per_s"] == pytest.approx(6 * 2048 / 3.5)
+    assert got["steady_window_s"] == pytest.approx(3.5)
+    front = got["steady_fronts"]["front 0"]
+    assert front["reads"] == 2
+    assert front["wait_s"] == pytest.approx(0.5) and front["io_s"] == pytest.approx(5 * 100e-6)
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        f.write(path.read_text())
+    assert steady_state(tmp_path / "trace.json.gz", seq_len=2048) == got
+    path.write_text(json.dumps({"traceEvents": events[:4]}))       # two writes: too few to say
+    assert steady_state(path, seq_len=2048) is None
