@@ -3,7 +3,7 @@ the driver stubbed, so the Python of a front's dispatch and result, and of an ex
 measured and profiled on any machine (device time is scarce; `gpu_exchange.py`'s posting column is the
 same work with the real driver calls).
 
-    mpiexec -n 4 python -m mpi4py benchmarks/ipc_host_model.py [--steps 3000] [--profile]
+    mpiexec -n 4 python -m mpi4py benchmarks/ipc_host_model.py [--steps 3000] [--profile] [--kernel]
 
 Four ranks: 2 fronts + 1 MoE layer x 2 experts, the exchange benchmark's layout.  The transport is built
 on shared memory (its CPU backend), then rank 0 (a front) and afterwards rank 2 (an expert) switch to
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import mpi_main  # noqa: E402
 from moe_mpi.parallel import ipc  # noqa: E402
 from moe_mpi.parallel.ipc_rings import FILLED, FREED, filled_word  # noqa: E402
+from moe_mpi.parallel.peer_copy import SEGMENTS  # noqa: E402
 from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
 
 
@@ -74,10 +75,27 @@ class StubDriver:
                 self.write_value(stream, address, value)
 
 
-def as_cuda(tr: ipc.IPCTransport) -> StubDriver:
-    """Switch a transport built on shared memory to its CUDA code path, with a stub driver."""
+class StubKernel:
+    """``SmCopy.copy_many`` as the signalling kernel makes it: a launch per SEGMENTS copies (counted as
+    driver calls), the last of which writes the mailbox words (here, on the host)."""
+
+    def __init__(self, driver: StubDriver):
+        self.driver = driver
+
+    def copy_many(self, copies, stream, words=()):
+        n = sum(1 for _, _, nbytes in copies if nbytes >> 4)
+        if n or words:
+            self.driver.calls += max(1, -(-n // SEGMENTS))
+        for (box, slot, word), value in words:
+            box[slot, word] = value
+
+
+def as_cuda(tr: ipc.IPCTransport, kernel: bool = False) -> StubDriver:
+    """Switch a transport built on shared memory to its CUDA code path, with a stub driver; with
+    ``kernel``, every message copied by the (stub) copy kernel, as ``MOE_MPI_IPC_SM_COPY_MB=0`` has it."""
     stub = StubDriver()
-    tr.cuda, tr.driver, tr.sm_copy = True, stub, None
+    tr.cuda, tr.driver, tr.sm_copy = True, stub, StubKernel(stub) if kernel else None
+    tr.sm_copy_bytes = 0 if kernel else None
     tr.batch_stream = types.SimpleNamespace(cuda_stream=0)
     ipc.current_stream_handle = lambda device: 0
     torch.Tensor.record_stream = lambda self, stream: None
@@ -155,6 +173,8 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--profile", action="store_true", help="print each modelled rank's cProfile, by own time")
+    p.add_argument("--kernel", action="store_true",
+                   help="every message by the copy kernel, which writes the mailbox words itself")
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args()
     world = MPI.COMM_WORLD
@@ -170,7 +190,7 @@ def main() -> int:
     measured = args.steps - args.warm_up
     for rank, role in ((0, "front"), (2, "expert")):
         if me == rank:
-            stub, prof = as_cuda(tr), cProfile.Profile() if args.profile else None
+            stub, prof = as_cuda(tr, args.kernel), cProfile.Profile() if args.profile else None
             if role == "front":
                 spent = model_front(tr, comm, [2, 3], args.tokens, args.steps, args.warm_up, prof)
             else:

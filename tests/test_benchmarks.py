@@ -104,19 +104,23 @@ def test_exchange_benchmark_driver_timer_passes_every_argument_through():
     assert timer.calls == 0
 
 
-def test_ipc_host_model_counts_the_driver_calls_of_a_micro_batch(tmp_path):
+@pytest.mark.parametrize("kernel", [False, True], ids=["copy engines", "copy kernel"])
+def test_ipc_host_model_counts_the_driver_calls_of_a_micro_batch(tmp_path, kernel):
     """benchmarks/ipc_host_model.py runs the IPC transport's CUDA path on CPUs with the driver stubbed.
     A front with two experts makes 11 driver calls a micro-batch by the copy engines: one ready event,
     a wait, a copy and a mailbox word per send, a copy and a hand-back word per reply taken out; an
     expert with two fronts as many (one copy and one word per message taken out; the event, and a
-    wait, copy and word per reply).  A change that adds a call per message shows here."""
+    wait, copy and word per reply).  By the copy kernel, which writes the words itself, 4 each: the
+    event, a wait and one launch for the sends, one launch for the take-out.  A change that adds a
+    call per message shows here."""
     out = tmp_path / "model.json"
     cmd = mpi_python(4, REPO / "benchmarks" / "ipc_host_model.py", "--steps", 60, "--warm-up", 10, "--hidden", 64,
-                     "--tokens", 8, "--out", out)
+                     "--tokens", 8, "--out", out, *(["--kernel"] if kernel else []))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
-    assert res["front"]["driver_calls"] == 11 and res["expert"]["driver_calls"] == 11
+    calls = 4 if kernel else 11
+    assert res["front"]["driver_calls"] == calls and res["expert"]["driver_calls"] == calls
     assert set(res["front"]["us"]) == {"dispatch", "test", "result"}
     assert all(v > 0 for role in res.values() for v in role["us"].values())
 

@@ -124,6 +124,40 @@ def test_sm_copy_kernel_copies_every_byte_and_no_more(peer):
 
 
 @needs_cuda
+@pytest.mark.parametrize("signals", [True, False], ids=["kernel writes", "driver writes"])
+def test_sm_copy_kernel_writes_the_mailbox_words_after_its_copies(signals):
+    """``copy_many(copies, stream, words)``: every copy lands, and each (address, value) word of pinned
+    host memory (the mailboxes' kind) holds its value once the stream is done: written by the
+    signalling kernel's last program, or by the driver after the launch.  Launched again on the same
+    stream (its counter reused), with more copies than one launch takes, with words alone (nothing to
+    copy), and on a second stream (a counter of its own)."""
+    from moe_mpi.parallel.cuda_driver import Driver
+    from moe_mpi.parallel.peer_copy import SEGMENTS, SmCopy
+
+    if torch.cuda.get_device_capability(0) < (8, 0):
+        pytest.skip("the copy kernel targets compute capability 8.0")
+    torch.cuda.set_device(0)
+    driver = Driver()
+    kernel = SmCopy(driver, ctas=4, signals=signals)
+    words = torch.zeros(8, dtype=torch.int64).pin_memory()
+    at = driver.device_address(words.data_ptr())
+    g = torch.Generator().manual_seed(11)
+    streams = [torch.cuda.current_stream(0), torch.cuda.Stream(0)]
+    for round_, (n_copies, stream) in enumerate([(2, 0), (2, 0), (SEGMENTS + 3, 0), (0, 0), (3, 1)]):
+        sizes = [16 * int(v) for v in torch.randint(1, 5000, (n_copies,), generator=g)]
+        srcs = [torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0") for n in sizes]
+        dsts = [torch.full((n,), 0xA5, dtype=torch.uint8, device="cuda:0") for n in sizes]
+        values = [int(v) + (round_ << 40) for v in torch.randint(1, 2**31, (3,), generator=g)]
+        kernel.copy_many([(d.data_ptr(), s.data_ptr(), n) for d, s, n in zip(dsts, srcs, sizes)],
+                         streams[stream].cuda_stream, [(at + 8 * i, v) for i, v in enumerate(values)])
+        streams[stream].synchronize()
+        assert words[:3].tolist() == values, round_
+        assert all(torch.equal(d, s) for d, s in zip(dsts, srcs)), round_
+    assert words[3:].tolist() == [0] * 5
+    assert bool((kernel._counters == 0).all()), "every launch left its stream's counter at 0"
+
+
+@needs_cuda
 @pytest.mark.parametrize("peer", [False, True])
 def test_sm_copy_kernel_makes_many_copies_in_a_launch(peer):
     """``copy_many``: more copies than one launch takes (so two launches), of different sizes (one of

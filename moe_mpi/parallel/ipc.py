@@ -12,11 +12,13 @@ carries nothing per message.
   two or more other GPUs) are copied instead by a kernel (``peer_copy``): faster where a GPU sends to
   and receives from several others at once, at the price of SMs
   (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).  A dispatch's sends that go by the kernel
-  (one per expert) go in one launch on a stream of the transport's, their mailbox words written
-  after it; so do a reply's (one per front).  The messages a front's result or an expert's step
-  takes out of their slots are copied (by the kernel in one launch) and handed back together.  Three
-  or more words go in one call (``cuStreamBatchMemOp``).  So where the messages go by the kernel, a
-  micro-batch's host calls do not grow with its peers.
+  (one per expert) go in one launch on a stream of the transport's, whose last program writes their
+  mailbox words once every row is in place (``MOE_MPI_IPC_KERNEL_SIGNALS=0``: by the driver after
+  it); so do a reply's (one per front).  The messages a front's result or an expert's step takes
+  out of their slots are copied (by the kernel in one launch, which writes the hand-backs too) and
+  handed back together.  Words the driver writes go three or more to a call
+  (``cuStreamBatchMemOp``).  So where the messages go by the kernel, a micro-batch's host calls do
+  not grow with its peers: a launch for the sends (and a wait for their rows), one for the take-out.
 * Mailboxes: each (sender, receiver, slot) has two 64-bit words in one MPI shared-memory window of
   the node, registered with CUDA in every process (``cuMemHostRegister``) so that streams can write
   them (``cuStreamWriteValue64``, which fences the work before it): ``filled`` (the message's step + 1
@@ -187,7 +189,7 @@ class IpcRecv(Op):
 
 class IpcExchange(OpExchange):
     """A front's dispatch: its replies are taken out of their slots into the result together (one
-    launch for those the kernel copies, one stream write for all their slots' hand-backs)."""
+    launch for those the kernel copies, which writes all their slots' hand-backs too)."""
 
     def result(self) -> torch.Tensor:
         self.transport.take_out([(op, self.y_ND, op.at) for op in self.recvs if not op.taken])
@@ -339,25 +341,26 @@ class IPCTransport(OpTransport):
 
     def _send_batch(self, batch: list[tuple[IpcSend, int]], ready: int) -> None:
         """Each (send, free slot): its rows copied into the peer's slot by the kernel, all in one
-        launch once ``ready`` (a raw event, 0 for none) has passed, then every mailbox written."""
+        launch once ``ready`` (a raw event, 0 for none) has passed, which then writes every mailbox."""
         stream, d, rb = self.batch_stream.cuda_stream, self.driver, self.row_bytes
         if ready:
             d.wait(stream, ready)
-        self.sm_copy.copy_many([(op.ring.address(slot), op.x.data_ptr() + op.lo * rb, op.n * rb)
-                                for op, slot in batch], stream)
-        for x in {id(op.x): op.x for op, _ in batch}.values():
-            x.record_stream(self.batch_stream)
-        words = []
+        copies, words = [], []
         for op, slot in batch:
+            copies.append((op.ring.address(slot), op.x.data_ptr() + op.lo * rb, op.n * rb))
             op.ring.fills[slot] += 1
             words.append((op.ring.filled[slot], filled_word(op.step, op.n)))
+        self.sm_copy.copy_many(copies, stream, words)       # (the launch writes the words, SmCopy)
+        for x in {id(op.x): op.x for op, _ in batch}.values():
+            x.record_stream(self.batch_stream)
+        for op, _ in batch:
             op.done, op.x = True, None
-        d.write_values(stream, words)
 
     def take_out(self, recvs: list[tuple[IpcRecv, torch.Tensor, int]]) -> None:
         """Each (arrived message, x, at): its rows copied out of its slot into rows ``at``... of x
         (contiguous) on the current stream (those the kernel copies in one launch), and its slot
-        handed back once the copies are done (the words written together, ``write_values``)."""
+        handed back once the copies are done (the words written together: by the kernel's launch
+        where the kernel copies any, else ``write_values``)."""
         if not recvs:
             return
         with self.lock:
@@ -384,9 +387,9 @@ class IPCTransport(OpTransport):
                     hand_back.append((ring.freed[slot], ring.takes[slot]))
                 else:
                     ring.box[slot, FREED] = ring.takes[slot]
-            if kernel:
-                self.sm_copy.copy_many(kernel, stream)
-            if hand_back:
+            if kernel:      # the hand-backs written by the kernel's launch, after every copy of the stream
+                self.sm_copy.copy_many(kernel, stream, hand_back)
+            elif hand_back:
                 self.driver.write_values(stream, hand_back)
 
     # --- set-up ---

@@ -28,25 +28,16 @@ UNROLL = 4              # 16-byte vectors each thread has in flight
 MIN_CAPABILITY = (8, 0)     # the PTX's target
 DEFAULT_MB = 8          # from here up, kernels, where a rank's peers are on 2+ other GPUs (sm_copy_threshold)
 KERNEL = "moe_mpi_copy16"
+SIGNAL_KERNEL = "moe_mpi_copy16_signal"
 SEGMENTS = 32           # copies one launch makes at most (three 64-bit words each in its argument)
+WORDS = 32              # mailbox words the signalling kernel writes at most
+COUNTERS = 64           # streams whose signalling launches have a counter of their own, at most
 
 # Up to SEGMENTS copies at once: row y of the grid makes copy y, whose (dst, src, n) are words 3y,
 # 3y + 1, 3y + 2 of the one argument.  dst[i] = src[i] for the n 16-byte vectors i < n.  Thread t of a
 # row (s threads) moves vectors t, t + s, t + 2s, t + 3s, then t + 4s... (four loads in flight before
 # their stores), loads cached in L2 only, stores marked streaming: each byte is touched once.
-PTX = r"""
-.version 7.0
-.target sm_80
-.address_size 64
-
-.visible .entry moe_mpi_copy16(
-    .param .align 8 .b8 p_segs[SEGMENT_BYTES]
-)
-{
-    .reg .pred %p<5>;
-    .reg .b32 %r<21>;
-    .reg .b64 %rd<24>;
-
+_BODY = r"""
     mov.u32 %r1, %ctaid.y;
     mul.wide.u32 %rd21, %r1, 24;
     mov.u64 %rd22, p_segs;              // the argument's address (param space), then this row's copy
@@ -95,27 +86,103 @@ LOOP:
     add.u64 %rd4, %rd4, %rd20;
     setp.lt.u64 %p1, %rd4, %rd3;
     @%p1 bra LOOP;
-DONE:
+"""
+
+# The signalling kernel: the copies, then each program's writes fenced for the whole system
+# (membar.sys), its first thread counts the program done in a counter of the launch's stream, and the
+# last program to finish fences again and writes the mailbox words, (address, value) pairs after the
+# segments, then sets the counter back to 0 for the stream's next launch.  So a word is seen (by the
+# host, or a peer) only after every row of the launch is in place, as cuStreamWriteValue64 after the
+# copy would have it, without the driver call.
+_PTX = r"""
+.version 7.0
+.target sm_80
+.address_size 64
+
+.visible .entry moe_mpi_copy16(
+    .param .align 8 .b8 p_segs[SEGMENT_BYTES]
+)
+{
+    .reg .pred %p<5>;
+    .reg .b32 %r<21>;
+    .reg .b64 %rd<24>;
+""" + _BODY + r"""DONE:
     ret;
 }
-""".replace("SEGMENT_BYTES", str(SEGMENTS * 24))
+
+.visible .entry moe_mpi_copy16_signal(
+    .param .align 8 .b8 p_segs[SIGNAL_BYTES]
+)
+{
+    .reg .pred %p<5>;
+    .reg .b32 %r<24>;
+    .reg .b64 %rd<32>;
+""" + _BODY + r"""DONE:
+    membar.sys;
+    bar.sync 0;
+    setp.ne.u32 %p1, %r3, 0;
+    @%p1 bra END;
+    mov.u32 %r21, %nctaid.y;
+    mul.lo.u32 %r21, %r21, %r4;
+    sub.u32 %r21, %r21, 1;              // programs in the grid, less one
+    mov.u64 %rd22, p_segs;
+    ld.param.u64 %rd23, [%rd22+COUNTER_AT];
+    cvta.to.global.u64 %rd23, %rd23;
+    atom.global.add.u32 %r22, [%rd23], 1;
+    setp.ne.u32 %p1, %r22, %r21;        // not the last program
+    @%p1 bra END;
+    membar.sys;
+    ld.param.u64 %rd24, [%rd22+COUNT_AT];
+    add.u64 %rd25, %rd22, WORDS_AT;     // the first word's (address, value)
+    mov.u64 %rd26, 0;
+WORD:
+    setp.ge.u64 %p2, %rd26, %rd24;
+    @%p2 bra RESET;
+    ld.param.u64 %rd27, [%rd25];
+    ld.param.u64 %rd28, [%rd25+8];
+    cvta.to.global.u64 %rd27, %rd27;
+    st.volatile.global.u64 [%rd27], %rd28;
+    add.u64 %rd25, %rd25, 16;
+    add.u64 %rd26, %rd26, 1;
+    bra WORD;
+RESET:
+    st.global.u32 [%rd23], 0;
+END:
+    ret;
+}
+"""
+PTX = _PTX.replace("SEGMENT_BYTES", str(SEGMENTS * 24)).replace("SIGNAL_BYTES", str(SEGMENTS * 24 + 16 + WORDS * 16)) \
+    .replace("COUNTER_AT", str(SEGMENTS * 24)).replace("COUNT_AT", str(SEGMENTS * 24 + 8)) \
+    .replace("WORDS_AT", str(SEGMENTS * 24 + 16))
 
 
 class SmCopy:
-    """The copy kernel, loaded into the current device's context; ``copy_many(copies, stream)`` queues
-    (dst, src, nbytes) copies between device addresses (this GPU's or a peer's, mapped) on a stream (raw
-    handle), up to SEGMENTS of them in one launch.  One caller at a time: its argument buffer is
-    reused (the transport's lock serialises them)."""
+    """The copy kernels, loaded into the current device's context; ``copy_many(copies, stream, words)``
+    queues (dst, src, nbytes) copies between device addresses (this GPU's or a peer's, mapped) on a
+    stream (raw handle), up to SEGMENTS of them in one launch, then has the (address, value) mailbox
+    ``words`` written once every copy is done: by the last launch itself (the signalling kernel), so a
+    message costs its host one driver call in all where the copy engines take three (a wait, the copy
+    and the stream write); ``MOE_MPI_IPC_KERNEL_SIGNALS=0`` writes them by the driver after the launch
+    instead.  One caller at a time: the argument buffers are reused (the transport's lock serialises
+    them)."""
 
-    def __init__(self, driver, ctas: int = CTAS):
+    def __init__(self, driver, ctas: int = CTAS, signals: bool | None = None):
         self.driver, self.ctas = driver, ctas
         try:
             self.function = driver.load_function(PTX, KERNEL)
+            self.signal_function = driver.load_function(PTX, SIGNAL_KERNEL)
         except RuntimeError as exc:
             raise RuntimeError(f"the IPC transport's copy kernel: {exc} (MOE_MPI_IPC_SM_COPY_MB=off leaves every "
                                "message to the copy engines)") from exc
+        self.signals = kernel_signals() if signals is None else signals
         self.args = (ctypes.c_uint64 * (3 * SEGMENTS))()
         self.params = (ctypes.c_void_p * 1)(ctypes.addressof(self.args))
+        self.signal_args = (ctypes.c_uint64 * (3 * SEGMENTS + 2 + 2 * WORDS))()
+        self.signal_params = (ctypes.c_void_p * 1)(ctypes.addressof(self.signal_args))
+        # the signalling kernel's counters of finished programs, one per stream (zero between launches)
+        self._counters = torch.zeros(COUNTERS, dtype=torch.int32, device=torch.device("cuda", torch.cuda.current_device()))
+        self._counter_of: dict[int, int] = {}
+        torch.cuda.synchronize()            # the zeros are in place before any stream's first launch
 
     @staticmethod
     def fits(dst: int, src: int, nbytes: int) -> bool:
@@ -125,17 +192,50 @@ class SmCopy:
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self.copy_many([(dst, src, nbytes)], stream)
 
-    def copy_many(self, copies: list[tuple[int, int, int]], stream: int) -> None:
+    def copy_many(self, copies: list[tuple[int, int, int]], stream: int, words: list[tuple[int, int]] = ()) -> None:
         """Every (dst, src, nbytes) copy (each of which ``fits``), SEGMENTS to a launch: each copy a
         row of programs, as many programs a row as the largest copy of the launch needs, at most
-        ``ctas``."""
+        ``ctas``; then each (address, value) of ``words`` (64-bit words, device addresses) written."""
         copies = [(d, s, n >> 4) for d, s, n in copies if n >> 4]
-        for start in range(0, len(copies), SEGMENTS):
-            chunk = copies[start:start + SEGMENTS]
+        chunks = [copies[start:start + SEGMENTS] for start in range(0, len(copies), SEGMENTS)]
+        signal = bool(words) and self.signals and len(words) <= WORDS
+        if signal and not chunks:
+            chunks = [[(0, 0, 0)]]          # nothing to copy: one program, to write the words
+        for k, chunk in enumerate(chunks):
+            last = signal and k == len(chunks) - 1
+            args = self.signal_args if last else self.args
             for i, (dst, src, vectors) in enumerate(chunk):
-                self.args[3 * i], self.args[3 * i + 1], self.args[3 * i + 2] = dst, src, vectors
-            programs = min(self.ctas, -(-max(v for _, _, v in chunk) // (THREADS * UNROLL)))
-            self.driver.launch(self.function, programs, THREADS, stream, self.params, rows=len(chunk))
+                args[3 * i], args[3 * i + 1], args[3 * i + 2] = dst, src, vectors
+            if last:
+                at = 3 * SEGMENTS
+                args[at], args[at + 1] = self._counter(stream), len(words)
+                for i, (address, value) in enumerate(words):
+                    args[at + 2 + 2 * i], args[at + 3 + 2 * i] = address, value
+            programs = max(1, min(self.ctas, -(-max(v for _, _, v in chunk) // (THREADS * UNROLL))))
+            self.driver.launch(self.signal_function if last else self.function, programs, THREADS, stream,
+                               self.signal_params if last else self.params, rows=len(chunk))
+        if words and not signal:
+            self.driver.write_values(stream, list(words))
+
+    def _counter(self, stream: int) -> int:
+        """The device address of ``stream``'s counter for the signalling kernel (launches on one stream
+        run one after another, so they can share one; two streams' launches may run at once)."""
+        at = self._counter_of.get(stream)
+        if at is None:
+            if len(self._counter_of) >= COUNTERS:
+                raise RuntimeError(f"the IPC transport's copy kernel: signalling launches on more than "
+                                   f"{COUNTERS} streams")
+            at = self._counter_of[stream] = self._counters.data_ptr() + 4 * len(self._counter_of)
+        return at
+
+
+def kernel_signals() -> bool:
+    """MOE_MPI_IPC_KERNEL_SIGNALS: whether the copy kernel writes the mailbox words itself (1, the
+    default) or leaves them to the driver's stream writes after it (0)."""
+    raw = os.environ.get("MOE_MPI_IPC_KERNEL_SIGNALS", "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"MOE_MPI_IPC_KERNEL_SIGNALS={raw!r}: expected 0 or 1")
+    return raw == "1"
 
 
 def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
