@@ -104,6 +104,47 @@ def test_exchange_benchmark_driver_timer_passes_every_argument_through():
     assert timer.calls == 0
 
 
+def test_expert_power_fit_and_bound_against_hand_worked_numbers(tmp_path):
+    """benchmarks/gpu_expert_power.py's energy model: rows made from a known model (P0 100 W, 0.9 pJ a
+    FLOP, 60 pJ a byte) give it back, with no residual; the power bound of 160 tokens at a 700 W cap,
+    worked by hand: FLOPs 6 x 160 x 7168 x 18432 = 126,835,752,960 and bytes (3 x 7168 x 18432 +
+    2 x 160 x 7168) x 2 = 797,310,976, so (0.114152 + 0.047839) J / 600 W = 0.26999 ms; and --render
+    rebuilds the report from its JSON."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_expert_power as gp
+
+    flops, nbytes = gp.expert_work(160)
+    assert (flops, nbytes) == (126_835_752_960, 797_310_976)
+    assert gp.power_bound_ms(flops, nbytes, 100.0, 0.9, 60.0, 700.0) == pytest.approx(0.26999, rel=1e-4)
+
+    def row(kind, what, ms, f, b):
+        return {"kind": kind, "what": what, "ms": ms, "flops": f, "bytes": b,
+                "energy_mj": (100.0 * ms * 1e-3 + 0.9e-12 * f + 60e-12 * b) * 1e3, "power_w": 0.0,
+                "sampled_power_w": 0.0, "sm_mhz": 1500.0, "throttle": "0x4", "calls": 10, "wall_s": 1.0}
+
+    m, n, k = gp.GEMM
+    rows = [{"kind": "idle", "what": "idle", "power_w": 80.0, "flops": 0.0, "bytes": 0.0},
+            row("gemm", "product", 6.52, 2.0 * m * n * k, 2.0 * (m * k + k * n + m * n)),
+            row("copy", "copy", 0.52, 0.0, 2.0 * gp.COPY_BYTES)]
+    for tokens, ms in ((1, 0.20), (160, 0.28), (4096, 4.9)):
+        rows.append(row("expert", f"expert, {tokens} tokens", ms, *gp.expert_work(tokens)))
+    fit = gp.fit_energy([r for r in rows if r["kind"] != "idle"])
+    assert fit["p0_w"] == pytest.approx(100.0, rel=1e-6)
+    assert fit["pj_per_flop"] == pytest.approx(0.9, rel=1e-6) and fit["pj_per_byte"] == pytest.approx(60.0, rel=1e-6)
+    assert max(abs(v) for v in fit["residuals"]) < 1e-9
+    data = {"card": "test card", "power_limit_w": 700.0, "seconds": 1.0, "warm_s": 0.1, "note": "", "rows": rows}
+    md, out = gp.report(data)
+    r160 = next(r for r in out["rows"] if r.get("what") == "expert, 160 tokens")
+    assert r160["power_bound_ms"] == pytest.approx(0.26999, rel=1e-4)
+    assert "| expert, 160 tokens |" in md
+    path = tmp_path / "power.json"
+    path.write_text(json.dumps(out))
+    rebuilt = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_expert_power.py"), "--render", str(path)],
+                             capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert path.with_suffix(".md").read_text() == md
+
+
 @pytest.mark.parametrize("kernel", [False, True], ids=["copy engines", "copy kernel"])
 def test_ipc_host_model_counts_the_driver_calls_of_a_micro_batch(tmp_path, kernel):
     """benchmarks/ipc_host_model.py runs the IPC transport's CUDA path on CPUs with the driver stubbed.
