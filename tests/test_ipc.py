@@ -90,6 +90,22 @@ def test_sm_copy_setting_is_read_and_checked(monkeypatch):
         peer_copy.sm_copy_threshold(gpu, 3)
 
 
+def test_kernel_signals_setting_is_read_and_checked(monkeypatch):
+    """MOE_MPI_IPC_KERNEL_SIGNALS: unset or 1, the copy kernel writes the mailbox words; 0, the driver
+    does; anything else is an error naming the variable, raised where the transport reads its copy
+    settings (every rank alike), whether or not the kernel is used."""
+    from moe_mpi.parallel import peer_copy
+
+    monkeypatch.delenv("MOE_MPI_IPC_KERNEL_SIGNALS", raising=False)
+    monkeypatch.delenv("MOE_MPI_IPC_SM_COPY_MB", raising=False)
+    assert peer_copy.kernel_signals()
+    monkeypatch.setenv("MOE_MPI_IPC_KERNEL_SIGNALS", "0")
+    assert not peer_copy.kernel_signals()
+    monkeypatch.setenv("MOE_MPI_IPC_KERNEL_SIGNALS", "yes")
+    with pytest.raises(ValueError, match="MOE_MPI_IPC_KERNEL_SIGNALS"):
+        peer_copy.sm_copy_threshold(torch.device("cpu"), 3)
+
+
 @needs_cuda
 @pytest.mark.parametrize("peer", [False, True])
 def test_sm_copy_kernel_copies_every_byte_and_no_more(peer):

@@ -252,6 +252,7 @@ def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
     and one front and one expert on two GPUs exchanged faster by the engines at every size from 1024
     tokens up, in every round, by 0.05-0.30 of the all-to-all's bandwidth
     (``gpu_exchange_ptx_copy_nvidia-h200.md``)."""
+    kernel_signals()                # MOE_MPI_IPC_KERNEL_SIGNALS checked on every rank alike, used or not
     raw = os.environ.get("MOE_MPI_IPC_SM_COPY_MB", "").strip().lower()
     if raw == "off" or device.type != "cuda":
         if raw not in ("", "off"):
