@@ -171,6 +171,12 @@ def test_sm_copy_kernel_writes_the_mailbox_words_after_its_copies(signals):
         assert all(torch.equal(d, s) for d, s in zip(dsts, srcs)), round_
     assert words[3:].tolist() == [0] * 5
     assert bool((kernel._counters == 0).all()), "every launch left its stream's counter at 0"
+    # streams past the counters' number have their words written by the driver
+    kernel._counter_of.update({-k: 0 for k in range(1, len(kernel._counters) + 1)})
+    third = torch.cuda.Stream(0)
+    kernel.copy_many([], third.cuda_stream, [(at, 77)])
+    third.synchronize()
+    assert words[0].item() == 77 and third.cuda_stream not in kernel._counter_of
 
 
 @needs_cuda

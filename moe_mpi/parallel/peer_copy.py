@@ -198,7 +198,8 @@ class SmCopy:
         ``ctas``; then each (address, value) of ``words`` (64-bit words, device addresses) written."""
         copies = [(d, s, n >> 4) for d, s, n in copies if n >> 4]
         chunks = [copies[start:start + SEGMENTS] for start in range(0, len(copies), SEGMENTS)]
-        signal = bool(words) and self.signals and len(words) <= WORDS
+        counter = self._counter(stream) if words and self.signals and len(words) <= WORDS else None
+        signal = counter is not None
         if signal and not chunks:
             chunks = [[(0, 0, 0)]]          # nothing to copy: one program, to write the words
         for k, chunk in enumerate(chunks):
@@ -208,7 +209,7 @@ class SmCopy:
                 args[3 * i], args[3 * i + 1], args[3 * i + 2] = dst, src, vectors
             if last:
                 at = 3 * SEGMENTS
-                args[at], args[at + 1] = self._counter(stream), len(words)
+                args[at], args[at + 1] = counter, len(words)
                 for i, (address, value) in enumerate(words):
                     args[at + 2 + 2 * i], args[at + 3 + 2 * i] = address, value
             programs = max(1, min(self.ctas, -(-max(v for _, _, v in chunk) // (THREADS * UNROLL))))
@@ -217,14 +218,12 @@ class SmCopy:
         if words and not signal:
             self.driver.write_values(stream, list(words))
 
-    def _counter(self, stream: int) -> int:
+    def _counter(self, stream: int) -> int | None:
         """The device address of ``stream``'s counter for the signalling kernel (launches on one stream
-        run one after another, so they can share one; two streams' launches may run at once)."""
+        run one after another, so they can share one; two streams' launches may run at once); None
+        once COUNTERS streams have one (the driver then writes that stream's words)."""
         at = self._counter_of.get(stream)
-        if at is None:
-            if len(self._counter_of) >= COUNTERS:
-                raise RuntimeError(f"the IPC transport's copy kernel: signalling launches on more than "
-                                   f"{COUNTERS} streams")
+        if at is None and len(self._counter_of) < COUNTERS:
             at = self._counter_of[stream] = self._counters.data_ptr() + 4 * len(self._counter_of)
         return at
 
