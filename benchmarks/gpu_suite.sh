@@ -7,7 +7,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu_suite}
 WORK=${WORK:-/tmp/gpu_suite_work}
-STEPS=${STEPS:-"env expert front front_kernels exchange sharing e2e e2e_mps tests"}   # also: exchange_lean
+STEPS=${STEPS:-"env expert power front front_kernels exchange sharing e2e e2e_mps tests"}   # also: exchange_lean
 mkdir -p "$OUT" "$WORK/results" "$WORK/logs"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast off (it can wedge GPUs that others share); Open MPI's mpiexec as root
@@ -34,6 +34,7 @@ step() {  # step NAME SECONDS COMMAND...
 step env 20 bash -c "nvidia-smi; nvidia-smi topo -m; $PY -c 'import torch, mpi4py; from mpi4py import MPI; \
 print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version(), mpi4py.__version__, MPI.Get_library_version().splitlines()[0])'; nproc; free -g"
 step expert ${EXPERT_LIMIT:-200} $PY benchmarks/gpu_expert_mlp.py --out "$WORK/results"
+step power 120 $PY benchmarks/gpu_expert_power.py --out "$WORK/results"
 step front 150 $PY benchmarks/gpu_front_host.py --out "$WORK/results"
 step front_kernels 150 $PY benchmarks/gpu_front_kernels.py --out "$WORK/results"
 if [ "$NGPU" -ge 4 ]; then
