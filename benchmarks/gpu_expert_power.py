@@ -9,9 +9,11 @@ its 700 W cap there (instantaneous samples).  Here each workload runs for ``--se
 warm-up, and the card's energy counter (NVML, through ctypes) gives its mean power and the energy of a
 call; NVML's power, SM clock and throttle reasons are also sampled every 10 ms.  The workloads: the
 runtime's expert (``kernels.swiglu_mlp``) at each token count, a large matrix product (the compute
-ceiling), a device copy (the memory ceiling), and the idle card.
+ceiling), a device copy (the memory ceiling), the two at once on two streams (can the card run both at
+full rate?), and the idle card.
 
-A linear model of a call's energy is then fitted to every workload (least squares, relative errors):
+A linear model of a call's energy is then fitted to the product, the copy and the expert (least squares,
+relative errors; the two at once are left out, to test it):
 E = P0 t + e_flop F + e_byte B, with t the call's time, F its FLOPs and B its bytes to or from device
 memory.  At the cap P a call cannot take less than (e_flop F + e_byte B) / (P - P0): the **power
 bound**.  Two questions follow.  Is the expert's time near the ridge the power bound, i.e. is the card
@@ -155,10 +157,14 @@ def expert_work(tokens: int) -> tuple[float, float]:
 
 def analyse(data: dict) -> dict:
     """The fit, the ceilings, and per expert size its roofline, power bound and what 90% would need."""
-    rows = [r for r in data["rows"] if r["kind"] != "idle"]
+    rows = [r for r in data["rows"] if r["kind"] in ("gemm", "copy", "expert")]
     fit = fit_energy(rows)
     for r, res in zip(rows, fit["residuals"]):
         r["residual"] = res
+    for r in data["rows"]:          # workloads left out of the fit: the model's prediction error there
+        if r["kind"] == "together":
+            predicted = fit["p0_w"] * r["ms"] * 1e-3 + (r["flops"] * fit["pj_per_flop"] + r["bytes"] * fit["pj_per_byte"]) * 1e-12
+            r["residual"] = predicted / (r["energy_mj"] * 1e-3) - 1
     gemm = next(r for r in rows if r["kind"] == "gemm")
     copy = next(r for r in rows if r["kind"] == "copy")
     peak_tf = gemm["flops"] / (gemm["ms"] * 1e-3) / 1e12
@@ -167,6 +173,10 @@ def analyse(data: dict) -> dict:
     # the ceilings' own energy per FLOP and per byte, above the fitted P0: the most frugal the card showed
     best_flop = (gemm["energy_mj"] * 1e-3 - fit["p0_w"] * gemm["ms"] * 1e-3) / gemm["flops"] * 1e12
     best_byte = (copy["energy_mj"] * 1e-3 - fit["p0_w"] * copy["ms"] * 1e-3) / copy["bytes"] * 1e12
+    for r in data["rows"]:
+        if r["kind"] == "together":     # the product's and the copy's rates, each against its ceiling
+            r["of_peak"] = gemm["flops"] / (r["ms"] * 1e-3) / (peak_tf * 1e12)
+            r["of_copy"] = (r["bytes"] - gemm["bytes"]) / (r["ms"] * 1e-3) / (bw_gb * 1e9)
     for r in rows:
         if r["kind"] != "expert":
             continue
@@ -200,7 +210,7 @@ def report(data: dict) -> tuple[str, dict]:
              f"Ceilings in this run: {a['peak_tflops']:.0f} TFLOP/s (a {GEMM[0]}x{GEMM[1]}x{GEMM[2]} product), "
              f"{a['copy_gbps']:.0f} GB/s (a copy of {COPY_BYTES >> 20} MiB, read + write counted). "
              "Roofline = max(FLOPs / peak, bytes / copy bandwidth), as in `gpu_expert_mlp_<card>.md`.", "",
-             f"Energy model fitted to every workload but the idle card (least squares on relative errors): "
+             f"Energy model fitted to the product, the copy and the expert (least squares on relative errors): "
              f"E = {fit['p0_w']:.0f} W x t + {fit['pj_per_flop']:.3f} pJ per FLOP + {fit['pj_per_byte']:.1f} pJ "
              f"per byte; residuals {min(fit['residuals']) * 100:+.1f}% to {max(fit['residuals']) * 100:+.1f}%. "
              f"Above that {fit['p0_w']:.0f} W, the product ceiling spent {a['ceiling_pj_per_flop']:.3f} pJ per "
@@ -213,6 +223,12 @@ def report(data: dict) -> tuple[str, dict]:
             ("energy_mj", "mJ a call", ".1f"), ("residual", "model residual", "+.3f"),
             ("of_roofline", "of roofline", ".3f"), ("power_bound_ms", "power bound (ms)", ".4f"),
             ("of_power_bound", "of power bound", ".3f"), ("power_at_90_w", "power at 90% (W)", ".0f")]
+    for r in a["rows"]:
+        if r["kind"] == "together":
+            lines += [f"'{r['what']}' (left out of the fit): the product ran at {r['of_peak']:.2f} of its ceiling and "
+                      f"the copies at {r['of_copy']:.2f} of theirs, {r['of_peak'] + r['of_copy']:.2f} in all (2 would be "
+                      f"both at full rate, 1 one after the other); the model's prediction of its energy is off by "
+                      f"{r['residual'] * 100:+.1f}%.", ""]
     lines.append(md_table(a["rows"], cols))
     data_out = dict(data, analysis={k: v for k, v in a.items() if k != "rows"})
     return "\n".join(lines) + "\n", data_out
@@ -257,6 +273,26 @@ def main() -> int:
         flops, nbytes = expert_work(T)
         work.append(("expert", f"expert, {T} tokens", lambda x=x: kernels.swiglu_mlp(x, wg, wu, wd), flops, nbytes))
     for kind, what, fn, flops, nbytes in work:
+        if kind == "expert" and not any(r["kind"] == "together" for r in rows):
+            # the product and copies of about as long on a second stream, at once: can the card do both?
+            alone = {r["kind"]: r for r in rows}
+            copies = max(1, round(alone["gemm"]["ms"] / alone["copy"]["ms"]))
+            side = torch.cuda.Stream(dev)
+
+            def together(copies=copies, side=side):
+                cur = torch.cuda.current_stream(dev)
+                side.wait_stream(cur)
+                with torch.cuda.stream(side):
+                    for _ in range(copies):
+                        dst.copy_(src)
+                out = a @ b
+                cur.wait_stream(side)
+                return out
+
+            r = dict(measure(together, nvml, args.seconds, args.warm, dev), kind="together",
+                     what=f"product + {copies} copies at once", flops=work[0][3], bytes=work[0][4] + copies * work[1][4])
+            rows.append(r)
+            print(f"{r['what']:24s} {r['ms']:.4f} ms  {r['power_w']:.0f} W  {r['sm_mhz']:.0f} MHz", flush=True)
         r = dict(measure(fn, nvml, args.seconds, args.warm, dev), kind=kind, what=what, flops=flops, bytes=nbytes)
         rows.append(r)
         print(f"{what:24s} {r['ms']:.4f} ms  {r['power_w']:.0f} W  {r['sm_mhz']:.0f} MHz  {r['energy_mj']:.1f} mJ "

@@ -128,7 +128,10 @@ def test_expert_power_fit_and_bound_against_hand_worked_numbers(tmp_path):
             row("copy", "copy", 0.52, 0.0, 2.0 * gp.COPY_BYTES)]
     for tokens, ms in ((1, 0.20), (160, 0.28), (4096, 4.9)):
         rows.append(row("expert", f"expert, {tokens} tokens", ms, *gp.expert_work(tokens)))
-    fit = gp.fit_energy([r for r in rows if r["kind"] != "idle"])
+    # the product and 12 copies at once in 8.15 ms: 6.52 / 8.15 = 0.8 of the product's rate, 12 x 0.52 / 8.15
+    # = 0.766 of the copy's; left out of the fit, and the model (which made its energy) predicts it exactly
+    rows.append(row("together", "both", 8.15, rows[1]["flops"], rows[1]["bytes"] + 12 * rows[2]["bytes"]))
+    fit = gp.fit_energy([r for r in rows if r["kind"] not in ("idle", "together")])
     assert fit["p0_w"] == pytest.approx(100.0, rel=1e-6)
     assert fit["pj_per_flop"] == pytest.approx(0.9, rel=1e-6) and fit["pj_per_byte"] == pytest.approx(60.0, rel=1e-6)
     assert max(abs(v) for v in fit["residuals"]) < 1e-9
@@ -136,6 +139,10 @@ def test_expert_power_fit_and_bound_against_hand_worked_numbers(tmp_path):
     md, out = gp.report(data)
     r160 = next(r for r in out["rows"] if r.get("what") == "expert, 160 tokens")
     assert r160["power_bound_ms"] == pytest.approx(0.26999, rel=1e-4)
+    both = next(r for r in out["rows"] if r["kind"] == "together")
+    assert both["of_peak"] == pytest.approx(0.8) and both["of_copy"] == pytest.approx(6.24 / 8.15)
+    assert abs(both["residual"]) < 1e-9
+    assert "0.80 of its ceiling and the copies at 0.77 of theirs, 1.57 in all" in md
     assert "| expert, 160 tokens |" in md
     path = tmp_path / "power.json"
     path.write_text(json.dumps(out))
