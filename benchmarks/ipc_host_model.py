@@ -102,8 +102,11 @@ def as_cuda(tr: ipc.IPCTransport, kernel: bool = False) -> StubDriver:
     for ring in tr.send_rings.values():
         ring.filled = [(ring.box, k, FILLED) for k in range(tr.slots)]
         ring.stream, ring.handle, ring.remote = None, 0, 1 << 40
-    for ring in tr.recv_rings.values():
+    for i, ring in enumerate(tr.recv_rings.values()):
         ring.freed = [(ring.box, k, FREED) for k in range(tr.slots)]
+        # a device address, as the GPU's allocation would give (the shared window's need not be 16-byte
+        # aligned, which would send the take-outs down the copy engines' path under some MPIs)
+        ring.base = (1 << 41) + i * tr.slots * tr.slot_bytes
     return stub
 
 
