@@ -79,7 +79,7 @@ class Nvml:
         return self._read(self.lib.nvmlDeviceGetCurrentClocksThrottleReasons, ctypes.c_ulonglong)
 
 
-def measure(fn, nvml: Nvml | None, seconds: float, warm_s: float, device) -> dict:
+def measure(fn, nvml: Nvml, seconds: float, warm_s: float, device) -> dict:
     """``fn`` run back to back for ``seconds`` after ``warm_s`` of the same: ms a call (CUDA events),
     the card's mean power from its energy counter, and NVML's samples every 10 ms.  ``fn`` None: the
     idle card for ``seconds``."""
@@ -266,37 +266,34 @@ def main() -> int:
     b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=dev).random_()
     dst = torch.empty_like(src)
-    work = [("gemm", f"product {m}x{n}x{k}", lambda: a @ b, 2.0 * m * n * k, 2.0 * (m * k + k * n + m * n)),
-            ("copy", f"copy {COPY_BYTES >> 20} MiB", lambda: dst.copy_(src), 0.0, 2.0 * COPY_BYTES)]
-    for T in map(int, args.tokens.split(",")):
-        x = torch.randn(T, D, device=dev).to(torch.bfloat16)
-        flops, nbytes = expert_work(T)
-        work.append(("expert", f"expert, {T} tokens", lambda x=x: kernels.swiglu_mlp(x, wg, wu, wd), flops, nbytes))
-    for kind, what, fn, flops, nbytes in work:
-        if kind == "expert" and not any(r["kind"] == "together" for r in rows):
-            # the product and copies of about as long on a second stream, at once: can the card do both?
-            alone = {r["kind"]: r for r in rows}
-            copies = max(1, round(alone["gemm"]["ms"] / alone["copy"]["ms"]))
-            side = torch.cuda.Stream(dev)
+    gemm = ("gemm", f"product {m}x{n}x{k}", lambda: a @ b, 2.0 * m * n * k, 2.0 * (m * k + k * n + m * n))
+    copy = ("copy", f"copy {COPY_BYTES >> 20} MiB", lambda: dst.copy_(src), 0.0, 2.0 * COPY_BYTES)
 
-            def together(copies=copies, side=side):
-                cur = torch.cuda.current_stream(dev)
-                side.wait_stream(cur)
-                with torch.cuda.stream(side):
-                    for _ in range(copies):
-                        dst.copy_(src)
-                out = a @ b
-                cur.wait_stream(side)
-                return out
-
-            r = dict(measure(together, nvml, args.seconds, args.warm, dev), kind="together",
-                     what=f"product + {copies} copies at once", flops=work[0][3], bytes=work[0][4] + copies * work[1][4])
-            rows.append(r)
-            print(f"{r['what']:24s} {r['ms']:.4f} ms  {r['power_w']:.0f} W  {r['sm_mhz']:.0f} MHz", flush=True)
+    def run(kind, what, fn, flops, nbytes):
         r = dict(measure(fn, nvml, args.seconds, args.warm, dev), kind=kind, what=what, flops=flops, bytes=nbytes)
         rows.append(r)
-        print(f"{what:24s} {r['ms']:.4f} ms  {r['power_w']:.0f} W  {r['sm_mhz']:.0f} MHz  {r['energy_mj']:.1f} mJ "
+        print(f"{what:28s} {r['ms']:.4f} ms  {r['power_w']:.0f} W  {r['sm_mhz']:.0f} MHz  {r['energy_mj']:.1f} mJ "
               f"throttle {r['throttle']}", flush=True)
+        return r
+
+    g, c = run(*gemm), run(*copy)
+    # the product and copies of about as long on a second stream, at once: can the card do both?
+    copies, side = max(1, round(g["ms"] / c["ms"])), torch.cuda.Stream(dev)
+
+    def together():
+        cur = torch.cuda.current_stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            for _ in range(copies):
+                dst.copy_(src)
+        out = a @ b
+        cur.wait_stream(side)
+        return out
+
+    run("together", f"product + {copies} copies at once", together, gemm[3], gemm[4] + copies * copy[4])
+    for T in map(int, args.tokens.split(",")):
+        x = torch.randn(T, D, device=dev).to(torch.bfloat16)
+        run("expert", f"expert, {T} tokens", lambda x=x: kernels.swiglu_mlp(x, wg, wu, wd), *expert_work(T))
     data = {"card": card_name(dev), "power_limit_w": nvml.power_limit_w(), "seconds": args.seconds,
             "warm_s": args.warm, "note": args.note, "torch": torch.__version__, "rows": rows}
     md, data = report(data)

@@ -244,8 +244,8 @@ def test_sm_copy_kernel_that_fails_to_load_says_how_to_do_without():
     from moe_mpi.parallel.peer_copy import SmCopy
 
     class NoPtx:
-        def load_function(self, ptx, name):
-            Driver.check(218, f"cuModuleLoadData (compiling {name})")
+        def load_functions(self, ptx, *names):
+            Driver.check(218, f"cuModuleLoadData (compiling {names[0]})")
 
     with pytest.raises(RuntimeError, match=r"copy kernel: cuModuleLoadData \(compiling moe_mpi_copy16\) failed: "
                                            r"CUDA driver error 218 \(MOE_MPI_IPC_SM_COPY_MB=off"):

@@ -130,12 +130,16 @@ class Driver:
     def unregister_host(self, ptr: int) -> None:
         self._unregister(ptr)
 
-    def load_function(self, ptx: str, name: str) -> int:
-        """Kernel ``name`` of PTX source, compiled by the driver for the current context's GPU."""
-        module, function = ctypes.c_void_p(0), ctypes.c_void_p(0)
-        self.check(self._load(ctypes.byref(module), ptx.encode()), f"cuModuleLoadData (compiling {name})")
-        self.check(self._function(ctypes.byref(function), module, name.encode()), f"cuModuleGetFunction ({name})")
-        return function.value
+    def load_functions(self, ptx: str, *names: str) -> list[int]:
+        """Kernels ``names`` of PTX source, compiled once by the driver for the current context's GPU."""
+        module = ctypes.c_void_p(0)
+        self.check(self._load(ctypes.byref(module), ptx.encode()), f"cuModuleLoadData (compiling {', '.join(names)})")
+        functions = []
+        for name in names:
+            function = ctypes.c_void_p(0)
+            self.check(self._function(ctypes.byref(function), module, name.encode()), f"cuModuleGetFunction ({name})")
+            functions.append(function.value)
+        return functions
 
     def launch(self, function: int, blocks: int, threads: int, stream: int, params, rows: int = 1) -> None:
         """A grid of ``blocks`` x ``rows`` programs of ``function`` on ``stream``; ``params``: the array

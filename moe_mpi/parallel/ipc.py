@@ -248,12 +248,16 @@ class IPCTransport(OpTransport):
         ``sm_copy_bytes``, where the addresses suit it) rather than the copy engines."""
         return self.sm_copy is not None and nbytes >= self.sm_copy_bytes and SmCopy.fits(dst, src, nbytes)
 
-    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        """nbytes from src to dst (device addresses) on ``stream``, by the kernel or the copy engines."""
+    def copy(self, dst: int, src: int, nbytes: int, stream: int, word: tuple[int, int] | None = None) -> None:
+        """nbytes from src to dst (device addresses) on ``stream``, by the kernel or the copy engines,
+        then ``word`` (a mailbox's address and value) written once the copy is done: by the kernel's
+        launch itself, or by the stream after the copy engines'."""
         if self.by_kernel(dst, src, nbytes):
-            self.sm_copy.copy(dst, src, nbytes, stream)
+            self.sm_copy.copy_many([(dst, src, nbytes)], stream, [word] if word else ())
         else:
             self.driver.copy_async(dst, src, nbytes, stream)
+            if word:
+                self.driver.write_value(stream, *word)
 
     def event(self) -> int:
         """A raw event from the pool (a new one if all are in use)."""

@@ -96,13 +96,13 @@ class SendRing:
             self.remote[start:start + nbytes] = x[lo:lo + n].contiguous().view(-1).view(torch.uint8).numpy()
             self.box[slot, FILLED] = word
             return
-        d = tr.driver
-        if nbytes:
-            if ready:
-                d.wait(self.handle, ready)
-            tr.copy(self.address(slot), x.data_ptr() + lo * tr.row_bytes, nbytes, self.handle)
-            x.record_stream(self.stream)
-        d.write_value(self.handle, self.filled[slot], word)
+        if not nbytes:
+            tr.driver.write_value(self.handle, self.filled[slot], word)
+            return
+        if ready:
+            tr.driver.wait(self.handle, ready)
+        tr.copy(self.address(slot), x.data_ptr() + lo * tr.row_bytes, nbytes, self.handle, (self.filled[slot], word))
+        x.record_stream(self.stream)
 
 
 class RecvRing:

@@ -169,8 +169,7 @@ class SmCopy:
     def __init__(self, driver, ctas: int = CTAS, signals: bool | None = None):
         self.driver, self.ctas = driver, ctas
         try:
-            self.function = driver.load_function(PTX, KERNEL)
-            self.signal_function = driver.load_function(PTX, SIGNAL_KERNEL)
+            self.function, self.signal_function = driver.load_functions(PTX, KERNEL, SIGNAL_KERNEL)
         except RuntimeError as exc:
             raise RuntimeError(f"the IPC transport's copy kernel: {exc} (MOE_MPI_IPC_SM_COPY_MB=off leaves every "
                                "message to the copy engines)") from exc
