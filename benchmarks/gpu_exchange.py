@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import RESULTS, card_slug, cpu_now, environment, inject_fault, mpi_main, placement, write_results  # noqa: E402
 from gpu_exchange_baselines import PAIRS, pair_groups, post_overhead, rows_for, time_all_to_all, time_pairs  # noqa: E402
 from gpu_exchange_report import report  # noqa: E402
+from host_cpus import work as python_work  # noqa: E402
 from moe_mpi.parallel.devices import bind_device  # noqa: E402
 from moe_mpi.parallel.exchange import MPITransport, mpi_cuda_aware, with_progress_thread  # noqa: E402
 from moe_mpi.parallel.ipc import IPCTransport  # noqa: E402
@@ -44,6 +45,7 @@ from moe_mpi.parallel.topology import Communicators, Layout  # noqa: E402
 
 
 TRANSPORTS = ("ipc", "mpi", "mpi-staged", "nccl")
+CPU_WORK = 30000        # iterations of host_cpus.work a rank's CPU speed is timed with
 
 
 def make_transport(name: str, comms: Communicators, layout: Layout, hidden: int, dtype, device,
@@ -171,10 +173,12 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
                    timer: DriverTimer | None = None) -> tuple[float, int, float, dict]:
     """Seconds for every micro-batch (the slowest rank), micro-batches that came back wrong, the
     largest fraction of that time a rank's host spent inside the transport's calls, and each rank's
-    host microseconds a micro-batch: posting, polling and (with ``timer``) in driver calls."""
+    host microseconds a micro-batch: posting, polling and (with ``timer``) in driver calls, with its
+    CPU's speed (``cpu_work_ms``: the slower of ``cpu_work_seconds`` just before and just after)."""
     rows = rows_for(tokens, args.top_k, layout.n_experts)
     if timer is not None:
         timer.reset()
+    cpu_before = cpu_work_seconds()
     comms.world.Barrier()
     inject_fault(comms.world.Get_rank())        # (the others are in their loops, waiting on this rank)
     t0 = time.perf_counter()
@@ -186,15 +190,25 @@ def time_transport(tr, comms, layout, role, args, tokens, hidden, dtype, device,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = comms.world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    cpu = max(cpu_before, cpu_work_seconds())
     bad = sum(int((y != x).any()) for y, x in back)     # every element of every micro-batch
     n = len(steps_order)
-    mine = {"post": clock.post / n * 1e6, "poll": clock.poll / n * 1e6}
+    mine = {"post": clock.post / n * 1e6, "poll": clock.poll / n * 1e6, "cpu_work_ms": cpu * 1e3}
     if timer is not None:
         mine.update(driver=timer.seconds / n * 1e6, driver_calls=timer.calls / n)
     per_rank = comms.world.allgather(mine)
     host = {k: [r[k] for r in per_rank] for k in mine}
     busiest = comms.world.allreduce(clock.post + clock.poll, op=MPI.MAX) / elapsed
     return elapsed, comms.world.allreduce(bad, op=MPI.SUM), busiest, host
+
+
+def cpu_work_seconds() -> float:
+    """Seconds this rank's CPU takes for a fixed piece of Python work (about 2.5 ms at full speed on the
+    lent machines), timed just before and just after each timed repeat: the lent VMs' vCPUs at times
+    run at half speed for seconds on end (``host_cpus.py``), and a rank's posting slows with them."""
+    t0 = time.perf_counter()
+    python_work(CPU_WORK)
+    return time.perf_counter() - t0
 
 
 def write_profile(prof: cProfile.Profile, path: Path, title: str) -> None:
@@ -319,7 +333,8 @@ def main() -> int:
                               f"{args.repeats} repeats of {args.micro_batches} micro-batches, best {best * 1e3:.2f} ms")
             results.append({"transport": name, "tokens": tokens, "message_mb": rows[0] * row_bytes / 1e6,
                             "seconds": best, "gbps": bytes_total / best / 1e9, "wrong_micro_batches": bad,
-                            "host_in_transport": host, "host_us_per_micro_batch": per_mb})
+                            "host_in_transport": host, "cpu_work_ms": per_mb.pop("cpu_work_ms"),
+                            "host_us_per_micro_batch": per_mb})
         if groups is not None:
             time_pairs(groups, comms, layout, role, args, tokens, args.hidden, dtype, device, xs, args.warm_up)  # warm-up
             best, bad = float("inf"), 0

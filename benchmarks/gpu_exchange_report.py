@@ -100,6 +100,8 @@ def host_breakdown(results: list[dict], n_fronts: int, micro_batches: int) -> li
             row = {"transport": r["transport"], "tokens": r["tokens"],
                    "rank": f"{rank} ({'front' if rank < n_fronts else 'expert'})", "post": post,
                    "poll": per["poll"][rank], "wall": r["seconds"] / micro_batches * 1e6}
+            if r.get("cpu_work_ms"):
+                row["cpu"] = r["cpu_work_ms"][rank]
             if "driver" in per:
                 row.update(driver=per["driver"][rank], calls=per["driver_calls"][rank], python=post - per["driver"][rank])
             rows.append(row)
@@ -110,11 +112,20 @@ def host_breakdown(results: list[dict], n_fronts: int, micro_batches: int) -> li
     if any("driver" in r for r in rows):
         cols += [("driver", "of posting and polling: driver calls (us)", ".1f"), ("calls", "driver calls", ".1f"),
                  ("python", "posting less driver calls (us)", ".1f")]
+    speed = ""
+    if any("cpu" in r for r in rows):
+        cols.append(("cpu", "CPU work loop (ms)", ".2f"))
+        fastest = min(r["cpu"] for r in rows if "cpu" in r)
+        speed = (" 'CPU work loop': a fixed piece of Python work timed on the rank just before and just after "
+                 "the repeat, the slower of the two (runs since 2026-11-28, fourth session): the rank's CPU "
+                 f"speed. The fastest here, {fastest:.2f} ms, is about full speed; near twice that, the rank's "
+                 "vCPU was running at half speed (the lent VMs' vCPUs at times do, for seconds on end: "
+                 "`benchmarks/host_cpus.py`).")
     return ["Host time inside the transports' calls, microseconds a micro-batch, each rank, best repeat. "
             "Posting: dispatch and result on a front; expect, the joined take-out and reply on an expert "
             "(the work a micro-batch costs the host). Polling: tests, where a rank that waits for its peers "
             "or its GPU spends the time (so 'busiest host in transport calls' near 1 does not by itself "
-            "mean a host is saturated).", "", md_table(rows, cols), ""]
+            "mean a host is saturated)." + speed, "", md_table(rows, cols), ""]
 
 
 def placement_lines(where: list[dict] | None) -> list[str]:

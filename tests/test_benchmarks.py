@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,12 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
     md = next(tmp_path.glob("gpu_exchange_*_small.md"))
     written = md.read_text()
     assert "NCCL point-to-point, no control plane" in written
+    # every rank's CPU speed, timed around each repeat, beside its host time
+    data = json.loads(md.with_suffix(".json").read_text())
+    for r in data["results"]:
+        if "host_us_per_micro_batch" in r:
+            assert len(r["cpu_work_ms"]) == 6 and all(0 < ms < 1000 for ms in r["cpu_work_ms"])
+    assert "CPU work loop (ms)" in written
     rebuilt = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_exchange.py"), "--report",
                               str(md.with_suffix(".json"))], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
@@ -150,6 +157,35 @@ def test_expert_power_fit_and_bound_against_hand_worked_numbers(tmp_path):
                              capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     assert path.with_suffix(".md").read_text() == md
+
+
+def test_host_cpu_probe_picks_cpus_seen_sharing_nothing(tmp_path):
+    """benchmarks/host_cpus.py: ``pick`` against hand-made pair slowdowns, and both modes run end to end
+    on this machine's CPUs (tiny work), writing their JSON."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from host_cpus import pick, work
+
+    assert work(1000) == work(1000) > 0
+    # 4 shares with 5 (2.0x) and 8 with 9 (1.9x); CPU 0 and 1 go last; 1.25 is the threshold
+    slow = {(4, 5): 2.0, (4, 8): 1.0, (4, 9): 1.1, (5, 8): 1.02, (5, 9): 1.0, (8, 9): 1.9,
+            (0, 4): 1.0, (0, 8): 1.0, (1, 4): 1.0, (1, 8): 1.0, (0, 1): 1.0}
+    assert pick([0, 1, 4, 5, 8, 9], slow, 4, 1.25) == [4, 8, 0, 1]
+    assert pick([0, 1, 4, 5, 8, 9], slow, 2, 1.25) == [4, 8]
+    assert pick([4, 5], slow, 2, 2.5) == [4, 5]         # nothing over a higher threshold
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    anchors = ",".join(map(str, cpus))
+    for mode, key in ((["--pick", "2"], "pair_slowdown"), (["--timeline", "0.3"], "summary")):
+        out = tmp_path / f"{key}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_cpus.py"), "--anchors", anchors,
+                               "--n", "2000", "--repeats", "1", "--json", str(out), *mode],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data = json.loads(out.read_text())
+        assert data[key]
+        if key == "pair_slowdown":
+            assert all(t > 0 for t in data["alone_s"].values()) and data["picked"]
+        else:
+            assert all(v["samples"] > 0 and v["fastest_ms"] > 0 for v in data["summary"].values())
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["copy engines", "copy kernel"])
