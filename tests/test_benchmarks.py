@@ -35,7 +35,7 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
     data = json.loads(md.with_suffix(".json").read_text())
     for r in data["results"]:
         if "host_us_per_micro_batch" in r:
-            assert len(r["cpu_work_ms"]) == 6 and all(0 < ms < 1000 for ms in r["cpu_work_ms"])
+            assert len(r["cpu_work_ms"]) == 6 and all(ms > 0 for ms in r["cpu_work_ms"])   # (6 ranks on 2 cores: seconds, at times)
     assert "CPU work loop (ms)" in written
     rebuilt = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_exchange.py"), "--report",
                               str(md.with_suffix(".json"))], capture_output=True, text=True, timeout=120, cwd=REPO)
