@@ -238,7 +238,9 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", default="512,1024,2048,4096", help="tokens per micro-batch per front")
-    p.add_argument("--micro-batches", type=int, default=16)
+    p.add_argument("--micro-batches", type=int, default=64,
+                   help="per front (16 before 2026-11-28's fourth session: with 4 in flight, the pipeline's "
+                        "fill and drain then weighed on every run; a job streams thousands)")
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warm-up", type=int, default=None, metavar="N",

@@ -62,8 +62,9 @@ def report(data: dict) -> str:
           "(no control messages, no go-aheads): the ceiling of this transport's design, so its distance "
           "from `nccl` is the cost of the protocol and its distance from the all-to-all the cost of one "
           "communicator per pair and direction. `ipc`: each message copied into a ring the receiver lent "
-          "through CUDA IPC (by a copy engine, or from `MOE_MPI_IPC_SM_COPY_MB`, 32 MB by default, by a Triton "
-          "kernel), its arrival and the slot's return written by the GPUs' streams into mailboxes in shared "
+          "through CUDA IPC (by our copy kernel where a rank's peers are on two or more other GPUs, else by a "
+          "copy engine; `MOE_MPI_IPC_SM_COPY_MB` sets the size from which the kernel copies), its arrival "
+          "and the slot's return written by the GPUs' streams into mailboxes in shared "
           "host memory (no MPI call per message; the protocol since 66820d9). "
           "'wrong' counts micro-batches whose round trip did not return the bytes sent ("
           + ("every element compared once each repeat's timing has stopped" if warm_up else

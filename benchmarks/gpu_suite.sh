@@ -38,7 +38,7 @@ step power 120 $PY benchmarks/gpu_expert_power.py --out "$WORK/results"
 step front 150 $PY benchmarks/gpu_front_host.py --out "$WORK/results"
 step front_kernels 150 $PY benchmarks/gpu_front_kernels.py --out "$WORK/results"
 if [ "$NGPU" -ge 4 ]; then
-    step exchange 100 $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --out "$WORK/results"
+    step exchange 300 $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --out "$WORK/results"
     # the same with torch's flight recorder off (it records every NCCL operation as it is posted)
     step exchange_lean 100 env TORCH_FR_BUFFER_SIZE=0 TORCH_NCCL_TRACE_BUFFER_SIZE=0 \
         $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --tag lean --out "$WORK/results"

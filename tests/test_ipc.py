@@ -59,7 +59,7 @@ def test_auto_leaves_ipc_whose_rings_take_too_much_of_the_gpu(monkeypatch):
 
 
 def test_sm_copy_setting_is_read_and_checked(monkeypatch):
-    """MOE_MPI_IPC_SM_COPY_MB: unset, IPC messages from 8 MB are copied by the kernel on GPUs it runs on
+    """MOE_MPI_IPC_SM_COPY_MB: unset, every IPC message is copied by the kernel on GPUs it runs on
     (compute capability 8.0 or later) for a rank whose peers are on two or more other GPUs, else all by
     the copy engines; a number of MB moves that size whatever the peers, 'off' turns kernels off;
     anything else, or a size asked for on an older GPU, is an error that names the variable."""
@@ -70,7 +70,7 @@ def test_sm_copy_setting_is_read_and_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert peer_copy.sm_copy_threshold(gpu, 3) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert peer_copy.sm_copy_threshold(gpu, 2) == peer_copy.sm_copy_threshold(gpu, 3) == 8_000_000
+    assert peer_copy.sm_copy_threshold(gpu, 2) == peer_copy.sm_copy_threshold(gpu, 3) == 0
     assert peer_copy.sm_copy_threshold(gpu, 1) is None         # one other GPU: the copy engines are faster
     assert peer_copy.sm_copy_threshold(gpu, 0) is None         # every peer on this GPU
     assert peer_copy.sm_copy_threshold(cpu, 3) is None          # CPU runs copy on the host

@@ -8,9 +8,9 @@ carries nothing per message.
   The sender maps it once (``cuIpcOpenMemHandle``) and writes a message with one ``cuMemcpyAsync``
   on a copy stream of its own for that peer: the copy engines move it over NVLink (or within the GPU
   for a peer that shares it), no SMs are held, and nothing waits for the partner to be ready.
-  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (by default 8 MB, for a rank whose peers are on
-  two or more other GPUs) are copied instead by a kernel (``peer_copy``): faster where a GPU sends to
-  and receives from several others at once, at the price of SMs
+  Messages of at least ``MOE_MPI_IPC_SM_COPY_MB`` (by default every message, for a rank whose peers
+  are on two or more other GPUs) are copied instead by a kernel (``peer_copy``): faster where a GPU
+  sends to and receives from several others at once, and fewer host calls, at the price of SMs
   (``benchmarks/results/gpu_copy_engines_nvidia-h200.md``).  A dispatch's sends that go by the kernel
   (one per expert) go in one launch on a stream of the transport's, whose last program writes their
   mailbox words once every row is in place (``MOE_MPI_IPC_KERNEL_SIGNALS=0``: by the driver after
@@ -440,8 +440,8 @@ class IPCTransport(OpTransport):
         world.Barrier()
         log.info("IPC transport: %d peers, %d slots of %d rows each, %.1f MB of %s memory lent to them%s",
                  len(pairs), self.slots, self.max_rows, nbytes / 1e6, "GPU" if self.cuda else "shared",
-                 "" if self.sm_copy_bytes is None else
-                 f"; messages from {self.sm_copy_bytes / 1e6:g} MB copied by SMs")
+                 "" if self.sm_copy_bytes is None else "; every message copied by SMs" if not self.sm_copy_bytes
+                 else f"; messages from {self.sm_copy_bytes / 1e6:g} MB copied by SMs")
 
     def _open(self, handle: bytes) -> int:
         """A peer's allocation mapped into this process, once per allocation."""

@@ -26,7 +26,7 @@ CTAS = 32               # programs of one copy (SMs it may hold)
 THREADS = 256           # threads of a program
 UNROLL = 4              # 16-byte vectors each thread has in flight
 MIN_CAPABILITY = (8, 0)     # the PTX's target
-DEFAULT_MB = 8          # from here up, kernels, where a rank's peers are on 2+ other GPUs (sm_copy_threshold)
+DEFAULT_MB = 0          # from here up (every message), kernels, where a rank's peers are on 2+ other GPUs (sm_copy_threshold)
 KERNEL = "moe_mpi_copy16"
 SIGNAL_KERNEL = "moe_mpi_copy16_signal"
 SEGMENTS = 32           # copies one launch makes at most (three 64-bit words each in its argument)
@@ -240,10 +240,14 @@ def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
     """Bytes from which the IPC transport copies a message by SMs, None for never:
     MOE_MPI_IPC_SM_COPY_MB (a number of MB; ``off`` for never); by default DEFAULT_MB on GPUs of
     compute capability 8.0 or later (the kernel's target) for a rank whose peers are on at least two
-    other GPUs (``peer_gpus``), else never; CPUs never.  Why 8 MB: on 4 H200s (2 fronts, 2 experts)
-    the kernel for every message took the exchange at 1024 tokens (14.7 MB messages) from 0.66-0.93x of
-    the fused all-to-all by the copy engines to 1.00-1.12x, and at 2048 from 0.81-0.97x to 1.23x; at 512
-    (7.3 MB) it did not help (``benchmarks/results/gpu_exchange_threshold_ab_nvidia-h200.md``).  Why
+    other GPUs (``peer_gpus``), else never; CPUs never.  Why every message (0 MB): on 4 H200s (2 fronts,
+    2 experts) the kernel for every message took the exchange at 1024 tokens (14.7 MB messages) from
+    0.66-0.93x of the fused all-to-all by the copy engines to 1.00-1.12x, and at 2048 from 0.81-0.97x to
+    1.23x (``benchmarks/results/gpu_exchange_threshold_ab_nvidia-h200.md``).  At 512 tokens (7.3 MB)
+    that A/B saw no gain under the lent machines' CPU noise; with each rank's CPU speed recorded, ranks
+    at full speed posted a median 61 us a micro-batch with the kernel against 71 by the copy engines
+    (4 driver calls against 11), and the exchange read 1.03x against 0.83-0.89x
+    (``gpu_exchange_kernel_512_nvidia-h200.md``); until then the default was 8 MB.  Why
     the peers count: a GPU sending to two and receiving from two gets about 200 GB/s from its copy
     engines and 280-330 from the kernel (4xH200, ``gpu_copy_engines_nvidia-h200.md``), but between two
     GPUs alone the engines are 2-9% faster than the kernel (``gpu_copy_engines_2gpus_nvidia-h200.md``),
