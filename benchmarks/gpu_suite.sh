@@ -40,11 +40,11 @@ step front_kernels 150 $PY benchmarks/gpu_front_kernels.py --out "$WORK/results"
 if [ "$NGPU" -ge 4 ]; then
     step exchange 300 $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --out "$WORK/results"
     # the same with torch's flight recorder off (it records every NCCL operation as it is posted)
-    step exchange_lean 100 env TORCH_FR_BUFFER_SIZE=0 TORCH_NCCL_TRACE_BUFFER_SIZE=0 \
+    step exchange_lean 300 env TORCH_FR_BUFFER_SIZE=0 TORCH_NCCL_TRACE_BUFFER_SIZE=0 \
         $MPIEXEC -n 4 $PY -m mpi4py benchmarks/gpu_exchange.py --tag lean --out "$WORK/results"
 elif [ "$NGPU" -ge 2 ]; then
     # one front and one expert, one GPU each: the 4-GPU layout's NCCL baselines need a GPU per rank
-    step exchange 100 $MPIEXEC -n 2 $PY -m mpi4py benchmarks/gpu_exchange.py --fronts 1 --experts 1 --tag 2gpus \
+    step exchange 300 $MPIEXEC -n 2 $PY -m mpi4py benchmarks/gpu_exchange.py --fronts 1 --experts 1 --tag 2gpus \
         --out "$WORK/results"
 else
     echo "=== exchange: skipped, needs 2 GPUs (have $NGPU)"
