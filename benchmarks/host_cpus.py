@@ -1,19 +1,23 @@
-"""Which of this host's CPUs slow each other down: a fixed piece of pure-Python work (the kind a rank's
-host does between driver calls) timed on one CPU alone, then on two CPUs at once, for pairs of CPUs.
+"""How fast this host's CPUs run a fixed piece of pure-Python work (the kind a rank's host does between
+driver calls): on one CPU alone, on two CPUs at once, and over time.
 
-A virtual machine may present its vCPUs as separate cores while the hypervisor runs two of them on
-the two hardware threads of one physical core; two busy ranks there each run slower, and nothing in
-``lscpu`` inside the guest says so.  This measures it.  No GPU and no MPI needed:
+A virtual machine's vCPUs can run slower than they did a moment ago: the hypervisor may run two of
+them on the hardware threads of one physical core, or share the cores with other guests, and nothing
+in ``lscpu`` inside the guest says so (nor, on the lent GPU machines, the steal time).  A rank whose
+CPU slows posts its micro-batches slower, and the exchange waits on the slowest rank.  No GPU and no
+MPI needed:
 
-    python benchmarks/host_cpus.py [--anchors 0,4,5] [--json OUT.json]
+    python benchmarks/host_cpus.py [--anchors 0,4,5] [--pick 4] [--json OUT.json]
     python benchmarks/host_cpus.py --timeline 20 --anchors 4,5    # each CPU's speed over 20 s
 
-For each anchor CPU a and every other CPU b allowed to this process: a and b run the work at the same
-moment (one worker process pinned to each CPU, started together on the monotonic clock), and each
-one's time over its time alone is its slowdown.  A pair whose slowdown is well above 1 shares
-something (a core, in the usual case); the report lists them, and a set of CPUs, one per rank, that
-showed no such sharing with each other (``--pick N``, from the anchors).  Steal time (``/proc/stat``) over the run is
-reported too: CPU time the hypervisor gave to someone else.
+Pairs: for each anchor CPU a and every other CPU b allowed to this process, a and b run the work at the
+same moment (one worker process pinned to each CPU, started together on the monotonic clock), and
+each one's time over its time alone is its slowdown.  Pairs above ``--threshold`` are listed, and up
+to ``--pick`` anchors no two of which were seen slowing each other.  A slowdown tied to particular
+pairs means shared cores; one that comes and goes whatever the pair means the host's load.
+Timeline: the work alone on each anchor in turn, round after round, so stretches of slow samples show.
+On the lent 4xH200 guests every vCPU tried had them (``results/gpu_exchange_cpu_speed_nvidia-h200.md``).
+Steal time (``/proc/stat``) over the run is reported too.
 """
 from __future__ import annotations
 
