@@ -275,7 +275,8 @@ class IPCTransport(OpTransport):
         for e in range(n_experts):
             lo, n = offsets[e], offsets[e + 1] - offsets[e]
             dest, rank = self.n_fronts + e, self.n_fronts + layer * n_experts + e
-            recvs.append(self._start(IpcRecv(self, comm, dest, step, y_ND, None,
+            # (no look at its mailbox yet: the expert has not had this step's rows)
+            recvs.append(self._queue(IpcRecv(self, comm, dest, step, y_ND, None,
                                              Described(REPLY_FROM, rank, e, layer, step), at=lo, n=n)))
             sends.append(IpcSend(self, comm, dest, step, x_ND, Described(SEND_TO, rank, e, layer, step), lo=lo, n=n))
         self._post(sends, ready)

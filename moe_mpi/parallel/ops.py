@@ -241,6 +241,12 @@ class OpTransport:
             self.live.append(op)
         return op
 
+    def _queue(self, op: Op) -> Op:
+        """``_start`` for a message that cannot have moved yet: live, first looked at by the next pass."""
+        op.done = False
+        self.live.append(op)
+        return op
+
     # --- front side ---
     def dispatch(self, layer: int, step: int, x_ND: torch.Tensor, offsets: list[int], ready=None) -> OpExchange:
         """``ready``: a CUDA event after which x_ND is computed (else: the compute stream's work so far)."""
