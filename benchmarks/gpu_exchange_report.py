@@ -33,7 +33,22 @@ def verdict(results: list[dict]) -> str:
     return (f"Target: our exchange at {TARGET}x the best NCCL all-to-all's bandwidth. Measured: "
             + "; ".join(lines) + ". For NCCL the ceiling says how much of the gap is the design "
             "(one NCCL kernel per message on a 2-rank communicator of its own, where the all-to-all moves "
-            "every peer's rows, both directions, in one kernel per rank) and how much the protocol.")
+            "every peer's rows, both directions, in one kernel per rank) and how much the protocol."
+            + cpu_speed(results))
+
+
+def cpu_speed(results: list[dict]) -> str:
+    """How fast the IPC runs' hosts were, where the run recorded it: each size's slowest rank's CPU
+    work loop against the fastest any rank took in the run (about full speed)."""
+    ipc = [r for r in results if r["transport"] == "ipc" and r.get("cpu_work_ms")]
+    if not ipc:
+        return ""
+    fastest = min(min(r["cpu_work_ms"]) for r in results if r.get("cpu_work_ms"))
+    parts = ", ".join(f"{r['tokens']} tokens {max(r['cpu_work_ms']) / fastest:.1f}x" for r in ipc)
+    return (f" The IPC transport's pace is its slowest rank's host (the table below): that rank's CPU work "
+            f"loop took, against the fastest any rank took in this run ({fastest:.2f} ms): {parts}. Near 2x "
+            "the rank's vCPU ran at about half speed, as the lent machines' do at times "
+            "(`gpu_exchange_cpu_speed_nvidia-h200.md`).")
 
 
 def report(data: dict) -> str:
