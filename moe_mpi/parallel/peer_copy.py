@@ -246,7 +246,8 @@ def sm_copy_threshold(device: torch.device, peer_gpus: int) -> int | None:
     1.23x (``benchmarks/results/gpu_exchange_threshold_ab_nvidia-h200.md``).  At 512 tokens (7.3 MB)
     that A/B saw no gain under the lent machines' CPU noise; with each rank's CPU speed recorded, ranks
     at full speed posted a median 61 us a micro-batch with the kernel against 71 by the copy engines
-    (4 driver calls against 11), and the exchange read 1.03x against 0.83-0.89x
+    (4 driver calls against 11; 64 micro-batches a front, while fewer runs of 16 showed 72 against 72),
+    and the exchange read 1.03x against 0.83-0.89x
     (``gpu_exchange_kernel_512_nvidia-h200.md``); until then the default was 8 MB.  Why
     the peers count: a GPU sending to two and receiving from two gets about 200 GB/s from its copy
     engines and 280-330 from the kernel (4xH200, ``gpu_copy_engines_nvidia-h200.md``), but between two
