@@ -37,6 +37,15 @@ def test_exchange_benchmark_checks_round_trips_on_cpu(tmp_path):
         if "host_us_per_micro_batch" in r:
             assert len(r["cpu_work_ms"]) == 6 and all(ms > 0 for ms in r["cpu_work_ms"])   # (6 ranks on 2 cores: seconds, at times)
     assert "CPU work loop (ms)" in written
+    # the verdict's account of the hosts' speed, by hand: the slowest IPC rank against the run's fastest
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from gpu_exchange_report import cpu_speed
+
+    said = cpu_speed([{"transport": "ipc", "tokens": 512, "cpu_work_ms": [2.5, 2.6, 5.0, 2.7]},
+                      {"transport": "nccl", "tokens": 512, "cpu_work_ms": [2.4, 2.6, 2.6, 2.6]},
+                      {"transport": "ipc", "tokens": 1024, "cpu_work_ms": [3.0, 2.6, 2.5, 2.7]}])
+    assert "(2.40 ms): 512 tokens 2.1x, 1024 tokens 1.2x." in said
+    assert cpu_speed([{"transport": "ipc", "tokens": 512}]) == ""
     rebuilt = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_exchange.py"), "--report",
                               str(md.with_suffix(".json"))], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
