@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .ipc import IPCTransport
 
 FILLED, FREED = range(2)       # a mailbox's words
+MAX_STEP = 2**31 - 2           # the largest step a ``filled`` word can name
 
 
 def filled_word(step: int, rows: int) -> int:
