@@ -43,12 +43,17 @@ def cpu_speed(results: list[dict]) -> str:
     ipc = [r for r in results if r["transport"] == "ipc" and r.get("cpu_work_ms")]
     if not ipc:
         return ""
-    fastest = min(min(r["cpu_work_ms"]) for r in results if r.get("cpu_work_ms"))
+    fastest = fastest_cpu_ms(results)
     parts = ", ".join(f"{r['tokens']} tokens {max(r['cpu_work_ms']) / fastest:.1f}x" for r in ipc)
     return (f" The IPC transport's pace is its slowest rank's host (the table below): that rank's CPU work "
             f"loop took, against the fastest any rank took in this run ({fastest:.2f} ms): {parts}. Near 2x "
             "the rank's vCPU ran at about half speed, as the lent machines' do at times "
             "(`gpu_exchange_cpu_speed_nvidia-h200.md`).")
+
+
+def fastest_cpu_ms(results: list[dict]) -> float:
+    """The fastest CPU work loop any rank took in the run (about full speed), where recorded."""
+    return min(min(r["cpu_work_ms"]) for r in results if r.get("cpu_work_ms"))
 
 
 def report(data: dict) -> str:
@@ -131,7 +136,7 @@ def host_breakdown(results: list[dict], n_fronts: int, micro_batches: int) -> li
     speed = ""
     if any("cpu" in r for r in rows):
         cols.append(("cpu", "CPU work loop (ms)", ".2f"))
-        fastest = min(r["cpu"] for r in rows if "cpu" in r)
+        fastest = fastest_cpu_ms(results)
         speed = (" 'CPU work loop': a fixed piece of Python work timed on the rank just before and just after "
                  "the repeat, the slower of the two (runs since 2026-11-28, fourth session): the rank's CPU "
                  f"speed. The fastest here, {fastest:.2f} ms, is about full speed; near twice that, the rank's "
